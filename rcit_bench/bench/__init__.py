@@ -1,0 +1,1 @@
+"""Benchmark specs, runner, per-cell results store and leaderboard generation."""

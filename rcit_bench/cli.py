@@ -1,0 +1,154 @@
+"""`rcit-bench` command line: builds things and runs them; the work lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+def _load_image(source: str):
+    """A file path, or the name of a photograph shipped by scikit-image (astronaut, chelsea, coffee, rocket)."""
+    import numpy as np
+    import torch
+
+    if source in SAMPLE_IMAGES:
+        from skimage import data
+
+        array = getattr(data, source)()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Image '{source}' not found: pass an image file or one of {', '.join(SAMPLE_IMAGES)}."
+            )
+        from PIL import Image
+
+        array = np.asarray(Image.open(path).convert("RGB"))
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float() / 255.0
+
+
+def cmd_corrupt(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+    from torchvision.utils import save_image
+
+    from rcit_bench.data.corruptions import corruption_grid
+
+    image = _load_image(args.image)
+    if args.size:
+        image = F.interpolate(image[None], size=(args.size, args.size), mode="bilinear", antialias=True)[0]
+    grid = corruption_grid(image.clamp(0, 1), seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, out)
+    logging.info("wrote %s (%dx%d px)", out, grid.shape[-1], grid.shape[-2])
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rcit_bench.bench.runner import run_spec
+
+    run_spec(
+        args.spec,
+        results_dir=args.results_dir,
+        force=args.force,
+        use_wandb=not args.no_wandb,
+        only=args.only,
+        leaderboard_dir=args.leaderboard_dir,
+    )
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from rcit_bench.bench.leaderboard import build_leaderboard
+
+    out = build_leaderboard(args.spec, results_dir=args.results_dir, out_dir=args.out_dir)
+    logging.info("leaderboard written to %s", out)
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from rcit_bench.data.synthetic import ensure_synthetic
+
+    root = ensure_synthetic(
+        args.root, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, image_size=args.image_size, seed=args.seed
+    )
+    logging.info("synthetic dataset ready at %s", root)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rcit_bench.data.corruptions import list_corruptions
+    from rcit_bench.data.text_perturbations import list_perturbations
+    from rcit_bench.models.registry import list_image_encoders, list_methods, list_text_encoders
+
+    for title, names in [
+        ("methods", list_methods()),
+        ("image encoders", list_image_encoders()),
+        ("text encoders", list_text_encoders()),
+        ("corruptions", list_corruptions()),
+        ("text perturbations", list_perturbations()),
+    ]:
+        sys.stdout.write(f"{title}: {', '.join(names)}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rcit-bench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("bench", help="train the spec's entries and evaluate its grid; writes results and leaderboard")
+    p.add_argument("spec", help="benchmark spec YAML, e.g. benchmarks/quick.yaml")
+    p.add_argument("--results-dir", default="runs", help="where result files, checkpoints and W&B runs go")
+    p.add_argument("--leaderboard-dir", default=None, help="default: leaderboards/<spec name>")
+    p.add_argument("--force", action="store_true", help="redo finished cells and retrain")
+    p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases at all")
+    p.add_argument("--only", action="append", default=None, help="run only this entry id (repeatable)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("leaderboard", help="rebuild a spec's leaderboard from its result files (no training)")
+    p.add_argument("spec")
+    p.add_argument("--results-dir", default="runs")
+    p.add_argument("--out-dir", default=None, help="default: leaderboards/<spec name>")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("corrupt", help="write a grid of every corruption x severity applied to one image")
+    p.add_argument("image", help=f"image file, or one of {', '.join(SAMPLE_IMAGES)} (photos shipped by scikit-image)")
+    p.add_argument("--out", default="corruptions.png")
+    p.add_argument("--size", type=int, default=224, help="resize to SIZE x SIZE first (0 keeps the size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_corrupt)
+
+    p = sub.add_parser("synthetic", help="generate (or reuse) the embedded synthetic dataset")
+    p.add_argument("--root", default="data/synthetic")
+    p.add_argument("--n-train", type=int, default=10000)
+    p.add_argument("--n-val", type=int, default=1000)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synthetic)
+
+    p = sub.add_parser("list", help="list registered methods, encoders, corruptions and text perturbations")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        sys.stderr.write(f"rcit-bench {args.command}: error: {err}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

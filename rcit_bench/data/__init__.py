@@ -1,0 +1,1 @@
+"""Datasets (synthetic, Karpathy JSON, Hugging Face), corruptions, text perturbations and the DataModule."""

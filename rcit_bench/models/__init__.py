@@ -1,0 +1,1 @@
+"""Encoders, similarity heads, losses and the five matching methods (one file per method)."""
