@@ -1,0 +1,153 @@
+"""Time and peak extra memory of rcit_bench.metrics.retrieval_metrics at COCO 5K x 25K, beside torchmetrics'
+RetrievalHitRate at a smaller size (torchmetrics needs tens of seconds and ~10 GB at 5K x 25K).
+
+Each measurement runs in a fresh subprocess: the inputs are built, the peak-RSS counter is reset
+(``/proc/self/clear_refs``), the metric runs, and ``VmHWM - VmRSS(before)`` is the peak extra memory.
+
+    python benchmarks/metrics_speed.py [--n-img 5000 --caps-per-image 5 --tm-n-img 1000 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def machine_header() -> str:
+    import torch
+
+    cpu = platform.processor() or "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"# machine: {platform.system()} {platform.machine()}, {cpu}, "
+        f"{os.cpu_count()} cpus, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"python {platform.python_version()}\n# command: python {' '.join(sys.argv)}"
+    )
+
+
+def worker(kind: str, n_img: int, caps: int, repeats: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    n_cap = n_img * caps
+    c2i = torch.randperm(n_cap) % n_img
+    # strictly positive scores (torchmetrics versions differ on non-positive ones); positives boosted
+    sims = torch.rand(n_img, n_cap) + 0.05
+    sims[c2i, torch.arange(n_cap)] += 0.3
+    if kind == "ours":
+        from rcit_bench.metrics import retrieval_metrics
+
+        def run() -> dict:
+            return retrieval_metrics(sims, c2i)
+
+    else:
+        from torchmetrics.retrieval import RetrievalHitRate
+
+        def run() -> dict:
+            target = c2i[None, :] == torch.arange(n_img)[:, None]  # (N_img, N_cap)
+            out = {}
+            for k in (1, 5, 10):
+                out[f"i2t_r{k}"] = 100 * float(
+                    RetrievalHitRate(top_k=k)(
+                        sims.flatten(), target.flatten(), indexes=torch.arange(n_img)[:, None].expand_as(sims).flatten()
+                    )
+                )
+                out[f"t2i_r{k}"] = 100 * float(
+                    RetrievalHitRate(top_k=k)(
+                        sims.T.flatten(),
+                        target.T.flatten(),
+                        indexes=torch.arange(n_cap)[:, None].expand(-1, n_img).flatten(),
+                    )
+                )
+            return out
+
+    run_times, cpu_times = [], []
+    rss0 = _status_kb("VmRSS")
+    reset_ok = _reset_peak()
+    hwm_before = _status_kb("VmHWM")
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = run()
+        run_times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    peak_extra_mb = (_status_kb("VmHWM") - (rss0 if reset_ok else hwm_before)) / 1024
+    return {
+        "kind": kind,
+        "n_img": n_img,
+        "n_cap": n_cap,
+        "best_s": min(run_times),
+        "times_s": run_times,
+        "best_cpu_s": min(cpu_times),
+        "peak_extra_mb": peak_extra_mb,
+        "peak_reset": reset_ok,
+        "recalls": {k: round(v, 4) for k, v in result.items() if "_r" in k and "medr" not in k and "meanr" not in k},
+    }
+
+
+def spawn(kind: str, n_img: int, caps: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--n-img", str(n_img), "--caps-per-image", str(caps)]
+    cmd += ["--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-img", type=int, default=5000)
+    ap.add_argument("--caps-per-image", type=int, default=5)
+    ap.add_argument("--tm-n-img", type=int, default=1000, help="images for the torchmetrics comparison")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--worker", choices=["ours", "torchmetrics"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.n_img, args.caps_per_image, args.repeats)))
+        return
+    print(machine_header())
+    rows = [
+        spawn("ours", args.n_img, args.caps_per_image, args.repeats),
+        spawn("ours", args.tm_n_img, args.caps_per_image, args.repeats),
+        spawn("torchmetrics", args.tm_n_img, args.caps_per_image, 1),
+    ]
+    print("| implementation | sims (N_img x N_cap) | best wall (s) | CPU time (s) | peak extra memory (MB) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        name = "rcit_bench retrieval_metrics" if r["kind"] == "ours" else "torchmetrics RetrievalHitRate (6 calls)"
+        size = f"{r['n_img']} x {r['n_cap']}"
+        print(f"| {name} | {size} | {r['best_s']:.3f} | {r['best_cpu_s']:.3f} | {r['peak_extra_mb']:.0f} |")
+    same = all(abs(rows[1]["recalls"][k] - v) < 1e-3 for k, v in rows[2]["recalls"].items())
+    print(f"\nrecalls at {args.tm_n_img} x {args.tm_n_img * args.caps_per_image}: ours == torchmetrics: {same}")
+    if not same:
+        print(f"ours: {rows[1]['recalls']}\ntorchmetrics: {rows[2]['recalls']}")
+    print("(wall times are best of --repeats; CPU time = process time over all threads, robust to a shared machine)")
+    if not all(r["peak_reset"] for r in rows):
+        print("note: /proc/self/clear_refs unavailable; peak includes input construction")
+
+
+if __name__ == "__main__":
+    main()

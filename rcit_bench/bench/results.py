@@ -1,0 +1,171 @@
+"""Per-cell result files: one JSON file per (spec, entry, seed, cell), written atomically.
+
+One file per cell (as CLIP_benchmark does) makes a sweep resumable at cell granularity and lets the
+leaderboard be rebuilt from the files alone. Each file carries its provenance (suite version, git
+commit, package versions, spec and entry hashes, checkpoint, W&B run) so a number can be traced.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from rcit_bench.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "failed")
+PACKAGES = ("torch", "torchvision", "lightning", "timm", "transformers", "torchmetrics", "numpy", "wandb")
+
+
+def cell_path(results_dir: str | Path, spec_name: str, entry_id: str, seed: int, cell_id: str) -> Path:
+    """``results_dir/<spec>/<entry>/seed<k>/<cell_id>.json``."""
+    return Path(results_dir) / spec_name / entry_id / f"seed{seed}" / f"{cell_id}.json"
+
+
+def run_dir(results_dir: str | Path, spec_name: str, entry_id: str, seed: int) -> Path:
+    """Folder of one (entry, seed): its result files, checkpoints and run state."""
+    return Path(results_dir) / spec_name / entry_id / f"seed{seed}"
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """Commit of the source checkout the suite runs from, or 'unknown' (installed package, no git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that change numbers (missing ones are left out)."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def suite_version() -> str:
+    from rcit_bench import __version__
+
+    return __version__
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """Provenance block for a result file; ``extra`` adds checkpoint, W&B run id, wall time..."""
+    prov = {
+        "suite_version": suite_version(),
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    prov.update(extra)
+    return prov
+
+
+def make_record(*, spec_name: str, spec_hash: str, entry_hash: str, entry: dict[str, Any], seed: int,
+                cell: dict[str, Any], metrics: dict[str, float] | None, status: str = "ok", reason: str = "",
+                **prov: Any) -> dict[str, Any]:
+    """Build a result record. ``entry`` holds id/method/regime/config; ``cell`` is ``Cell.to_dict()``."""
+    if status not in STATUSES:
+        raise ValueError(f"Argument `status` must be one of {STATUSES}, but got {status!r}.")
+    return {
+        "schema": SCHEMA_VERSION,
+        "spec": spec_name,
+        "spec_hash": spec_hash,
+        "entry_hash": entry_hash,
+        "entry": dict(entry),
+        "seed": int(seed),
+        "cell": dict(cell),
+        "status": status,
+        "reason": reason,
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        "provenance": provenance(**prov),
+    }
+
+
+def write_result(path: str | Path, record: dict[str, Any]) -> Path:
+    """Write one record atomically (readers never see a half-written file)."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_result(path: str | Path) -> dict[str, Any] | None:
+    """Read a record; None when missing or unreadable (an interrupted foreign write, a hand edit)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable result file %s: %s", path, exc)
+        return None
+    return rec if isinstance(rec, dict) and rec.get("schema") == SCHEMA_VERSION else None
+
+
+def is_done(path: str | Path, entry_hash: str | None = None) -> bool:
+    """A cell is done when its file holds status 'ok' (for the same entry hash when one is given).
+    Failed cells are retried: the failure may have been transient or fixed since."""
+    rec = read_result(path)
+    if rec is None or rec.get("status") != "ok":
+        return False
+    return entry_hash is None or rec.get("entry_hash") == entry_hash
+
+
+@dataclass
+class ResultRow:
+    """A flat view of a record, for tables."""
+
+    entry: str
+    method: str
+    regime: str
+    seed: int
+    cell: str
+    kind: str
+    corruption: str | None
+    severity: int | None
+    rate: float | None
+    perturbation: str | None
+    level: int | None
+    status: str
+    reason: str
+    metrics: dict[str, float]
+    wandb_run_id: str | None
+    wandb_url: str | None
+    path: Path
+
+
+def iter_results(results_dir: str | Path, spec_name: str) -> Iterator[ResultRow]:
+    """Every readable result file of a spec, in path order."""
+    root = Path(results_dir) / spec_name
+    for p in sorted(root.glob("*/seed*/*.json")):
+        rec = read_result(p)
+        if rec is None or rec.get("spec") != spec_name:
+            continue
+        c, e, prov = rec["cell"], rec["entry"], rec.get("provenance", {})
+        yield ResultRow(
+            entry=e["id"], method=e.get("method", ""), regime=e.get("regime", ""), seed=int(rec["seed"]),
+            cell=c["id"], kind=c["kind"], corruption=c.get("corruption"), severity=c.get("severity"),
+            rate=c.get("rate"), perturbation=c.get("perturbation"), level=c.get("level"),
+            status=rec["status"], reason=rec.get("reason", ""), metrics=rec.get("metrics", {}),
+            wandb_run_id=prov.get("wandb_run_id"), wandb_url=prov.get("wandb_url"), path=p,
+        )

@@ -1,0 +1,521 @@
+"""Benchmark spec: load a YAML file, validate every key before anything runs, expand the evaluation grid.
+
+A spec names a dataset, the entries to train (method + config + training regime), the seeds and the
+evaluation grid. Validation happens up front so that a typo in entry 5 fails in a second, not after
+entries 1 to 4 have trained: every error names the key path (``entries[2].method``), the bad value,
+the allowed values and a "did you mean".
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from rcit_bench.utils import did_you_mean
+
+REGIMES = ("clean", "augment", "paired")
+#: regime -> RetrievalDataModule ``train_corruption``
+REGIME_TO_TRAIN_CORRUPTION = {"clean": "none", "augment": "augment", "paired": "paired"}
+CELL_KINDS = ("clean", "imagenet_c", "rcit", "text", "pointing_game")
+DATASET_KINDS = ("synthetic", "flickr30k", "coco", "karpathy", "hf_imagefolder", "hf_parquet", "hf_hub")
+#: Trainer arguments a spec may set (others would change what is measured or where files go).
+TRAINER_KEYS = (
+    "max_epochs", "max_steps", "limit_train_batches", "limit_val_batches", "accelerator", "devices",
+    "precision", "gradient_clip_val", "accumulate_grad_batches", "check_val_every_n_epoch",
+    "log_every_n_steps", "deterministic", "enable_progress_bar", "num_sanity_val_steps",
+)
+#: Datamodule options the runner sets itself from the entry and seed, so a spec may not set them.
+RUNNER_SET_DATA_OPTIONS = ("dataset", "seed", "train_corruption", "corruption_mix", "augment_fraction")
+SEVERITIES = (1, 2, 3, 4, 5)
+TEXT_LEVELS = (1, 2, 3, 4, 5)
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+TOP_KEYS = ("name", "description", "dataset", "entries", "evaluation", "seeds", "baseline", "trainer", "wandb")
+DATASET_KEYS = ("kind", "options")
+ENTRY_KEYS = ("id", "method", "config", "regime", "corruption_mix", "augment_fraction", "overrides", "description")
+MIX_KEYS = ("name", "severity", "rate")
+EVAL_KEYS = ("clean", "imagenet_c", "rcit_protocol", "text", "pointing_game")
+IC_KEYS = ("corruptions", "severities")
+RCIT_KEYS = ("corruptions", "rates", "main_rate")
+TEXT_KEYS = ("perturbations", "levels")
+WANDB_KEYS = ("project", "entity", "tags")
+#: Sections of a method config an entry may override (deep-merged, see rcit_bench/configs/*.yaml).
+OVERRIDE_KEYS = ("model", "optim", "data", "trainer")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# names known to the other modules (imported lazily: the spec module must import without torch models)
+
+
+def known_methods() -> list[str]:
+    """Registered method names (the registry imports the built-in method modules on first use)."""
+    from rcit_bench.models.registry import list_methods
+
+    return sorted(list_methods())
+
+
+def known_corruptions() -> tuple[list[str], list[str], list[str]]:
+    """(all names, ImageNet-C severity names, rate-mode names) from rcit_bench.data.corruptions."""
+    from rcit_bench.data import corruptions as C
+
+    rate = list(C.RATE_CORRUPTIONS)
+    allnames = list(C.list_corruptions())
+    return allnames, [n for n in allnames if n not in rate], rate
+
+
+def known_perturbations() -> list[str]:
+    """Text perturbation names from rcit_bench.data.text_perturbations."""
+    from rcit_bench.data.text_perturbations import list_perturbations
+
+    return list(list_perturbations())
+
+
+def config_dir() -> Path:
+    """Directory of the shipped method configs (``rcit_bench/configs``)."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data classes
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluation cell: a (test-time condition) the model is measured under."""
+
+    id: str
+    kind: str  # one of CELL_KINDS
+    corruption: str | None = None
+    severity: int | None = None
+    rate: float | None = None
+    perturbation: str | None = None
+    level: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("id", "kind", "corruption", "severity", "rate", "perturbation", "level")}
+
+
+@dataclass
+class Entry:
+    """A trained model in the sweep: method + config + training regime."""
+
+    id: str
+    method: str
+    config: str
+    regime: str = "clean"
+    corruption_mix: list[dict[str, Any]] = field(default_factory=list)
+    augment_fraction: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # {model|optim|data|trainer: {...}}
+    description: str = ""
+
+
+@dataclass
+class Spec:
+    """A validated benchmark spec. ``raw`` is the normalised dict the hash is computed from."""
+
+    name: str
+    path: Path | None
+    description: str
+    dataset_kind: str
+    dataset_options: dict[str, Any]
+    entries: list[Entry]
+    evaluation: dict[str, Any]
+    seeds: list[int]
+    baseline: str | None
+    trainer: dict[str, Any]
+    wandb: dict[str, Any]
+    raw: dict[str, Any]
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the normalised spec (defaults filled in, keys sorted)."""
+        return sha256_json(self.raw)
+
+    def entry(self, entry_id: str) -> Entry:
+        for e in self.entries:
+            if e.id == entry_id:
+                return e
+        ids = [e.id for e in self.entries]
+        raise ValueError(
+            f"Argument `only` must name an entry of spec '{self.name}' ({', '.join(repr(i) for i in ids)}), "
+            f"but got {entry_id!r}.{did_you_mean(entry_id, ids)}"
+        )
+
+    def entry_hash(self, entry_id: str) -> str:
+        """Hash of what determines a trained model (dataset, trainer, entry): result files of another
+        entry hash are stale. Changing only the evaluation grid keeps the trained models and results."""
+        e = next(x for x in self.raw["entries"] if x["id"] == entry_id)
+        cfg = config_path(self, self.entry(entry_id))
+        cfg_text = cfg.read_text(encoding="utf-8") if cfg.is_file() else ""  # an edited config means retraining
+        return sha256_json({"dataset": self.raw["dataset"], "trainer": self.raw["trainer"], "entry": e,
+                            "config_sha256": hashlib.sha256(cfg_text.encode("utf-8")).hexdigest()})
+
+    def cells(self, entry: Entry | str | None = None) -> list[Cell]:
+        """The evaluation grid for an entry, in evaluation order (pointing game only for matchmap)."""
+        method = None
+        if entry is not None:
+            method = (self.entry(entry) if isinstance(entry, str) else entry).method
+        ev = self.evaluation
+        cells: list[Cell] = []
+        if ev["clean"]:
+            cells.append(Cell("clean", "clean"))
+        ic = ev.get("imagenet_c")
+        if ic:
+            for name in ic["corruptions"]:
+                for s in ic["severities"]:
+                    cells.append(Cell(f"ic-{name}-s{s}", "imagenet_c", corruption=name, severity=s))
+        rc = ev.get("rcit_protocol")
+        if rc:
+            for name in rc["corruptions"]:
+                for r in rc["rates"]:
+                    cells.append(Cell(f"rcit-{name}-r{r:g}", "rcit", corruption=name, rate=float(r)))
+        tx = ev.get("text")
+        if tx:
+            for p in tx["perturbations"]:
+                for lv in tx["levels"]:
+                    cells.append(Cell(f"text-{p}-l{lv}", "text", perturbation=p, level=lv))
+        if ev["pointing_game"] and (method is None or method == "matchmap"):
+            cells.append(Cell("pg-clean", "pointing_game"))
+            if rc:
+                for name in rc["corruptions"]:
+                    r = rc["main_rate"]
+                    cells.append(Cell(f"pg-{name}-r{r:g}", "pointing_game", corruption=name, rate=float(r)))
+        return cells
+
+
+def sha256_json(obj: Any) -> str:
+    """sha256 hex digest of the canonical JSON of ``obj`` (sorted keys, no whitespace)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _fmt(choices: Iterable[Any]) -> str:
+    return ", ".join(repr(c) for c in choices)
+
+
+def _check_keys(obj: Any, where: str, allowed: Iterable[str], required: Iterable[str] = ()) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"Spec key `{where}` must be a mapping, but got {type(obj).__name__} {obj!r}.")
+    allowed = list(allowed)
+    for k in obj:
+        if k not in allowed:
+            path = f"{where}.{k}" if where else str(k)
+            raise ValueError(
+                f"Unknown spec key `{path}`. Allowed keys in `{where or 'top level'}`: {_fmt(allowed)}."
+                f"{did_you_mean(str(k), allowed)}"
+            )
+    for k in required:
+        if k not in obj:
+            path = f"{where}.{k}" if where else k
+            raise ValueError(f"Spec key `{path}` is required (allowed keys: {_fmt(allowed)}).")
+    return obj
+
+
+def _check_name(where: str, value: Any, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(
+            f"Spec key `{where}` must be one of {_fmt(choices)}, but got {value!r}.{did_you_mean(str(value), choices)}"
+        )
+    return value
+
+
+def _check_list(where: str, value: Any) -> list[Any]:
+    if isinstance(value, (str, int, float)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"Spec key `{where}` must be a non-empty list, but got {value!r}.")
+    return value
+
+
+def _check_levels(where: str, value: Any, allowed: Iterable[int]) -> list[int]:
+    allowed = list(allowed)
+    out = []
+    for i, v in enumerate(_check_list(where, value)):
+        if isinstance(v, bool) or not isinstance(v, int) or v not in allowed:
+            raise ValueError(f"Spec key `{where}[{i}]` must be one of {_fmt(allowed)}, but got {v!r}.")
+        out.append(v)
+    return sorted(set(out))
+
+
+def _check_rate(where: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
+        raise ValueError(f"Spec key `{where}` must be a noise rate in (0, 1], but got {v!r}.")
+    return float(v)
+
+
+def _check_mix(where: str, value: Any) -> list[dict[str, Any]]:
+    """Corruption mix for training: [{name, severity | rate}], names and levels checked like eval cells."""
+    allnames, sev_names, rate_names = known_corruptions()
+    mix = []
+    for i, item in enumerate(_check_list(where, value)):
+        w = f"{where}[{i}]"
+        _check_keys(item, w, MIX_KEYS, required=("name",))
+        name = _check_name(f"{w}.name", item["name"], allnames)
+        if name in rate_names:
+            if "severity" in item or "rate" not in item:
+                raise ValueError(f"Spec key `{w}`: '{name}' is a noise-rate corruption; give `rate` (not `severity`).")
+            mix.append({"name": name, "rate": _check_rate(f"{w}.rate", item["rate"])})
+        else:
+            if "rate" in item or "severity" not in item:
+                raise ValueError(f"Spec key `{w}`: '{name}' is an ImageNet-C corruption; give `severity` (1..5).")
+            mix.append({"name": name, "severity": _check_levels(f"{w}.severity", item["severity"], SEVERITIES)[0]})
+    return mix
+
+
+def _resolve_config(where: str, value: str, method: str, spec_dir: Path | None) -> str:
+    """Config is a shipped name (``vsepp``, ``paper/vsepp_flickr30k``) or a YAML path relative to the spec;
+    it must load and be a config of the entry's method."""
+    from rcit_bench.models.registry import load_method_config
+
+    target: str | Path = value
+    if value.endswith((".yaml", ".yml")):
+        p = Path(value)
+        if not p.is_absolute() and spec_dir is not None:
+            p = spec_dir / p
+        if not p.is_file():
+            raise FileNotFoundError(f"Spec key `{where}`: config file {value!r} not found (looked at {p}).")
+        target = p
+    try:
+        cfg = load_method_config(target)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"Spec key `{where}`: {err}") from None
+    if cfg["method"] != method:
+        raise ValueError(f"Spec key `{where}`: config {value!r} is for method {cfg['method']!r}, "
+                         f"but the entry's method is {method!r}.")
+    return value
+
+
+def config_path(spec: Spec, entry: Entry) -> Path:
+    """The YAML file an entry's config resolves to."""
+    if entry.config.endswith((".yaml", ".yml")):
+        p = Path(entry.config)
+        if not p.is_absolute() and spec.path is not None:
+            p = spec.path.parent / p
+        return p
+    return config_dir() / f"{entry.config}.yaml"
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (``over`` wins); lists and scalars are replaced, not merged."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _datamodule_params() -> list[str] | None:
+    """Constructor arguments of RetrievalDataModule, or None while the module is not importable."""
+    try:
+        from rcit_bench.data.datamodule import RetrievalDataModule
+    except ImportError:
+        return None
+    params = inspect.signature(RetrievalDataModule.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [n for n in params if n != "self"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+
+
+def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
+    """Validate a parsed spec dict and return a :class:`Spec` (defaults filled in). Raises ValueError."""
+    spec_dir = Path(path).resolve().parent if path is not None else None
+    _check_keys(data, "", TOP_KEYS, required=("name", "dataset", "entries", "evaluation"))
+    name = data["name"]
+    if not isinstance(name, str) or not _ID_RE.match(name):
+        raise ValueError(f"Spec key `name` must be a short identifier (letters, digits, _ . -), but got {name!r}.")
+
+    # dataset
+    ds = _check_keys(data["dataset"], "dataset", DATASET_KEYS, required=("kind",))
+    kind = _check_name("dataset.kind", ds["kind"], DATASET_KINDS)
+    options = ds.get("options") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"Spec key `dataset.options` must be a mapping, but got {options!r}.")
+    for k in RUNNER_SET_DATA_OPTIONS:
+        if k in options:
+            raise ValueError(
+                f"Spec key `dataset.options.{k}` is set by the runner (from `dataset.kind`, the entry's regime "
+                f"and the seed); remove it."
+            )
+    dm_params = _datamodule_params()
+    if dm_params is not None:
+        allowed = [p for p in dm_params if p not in RUNNER_SET_DATA_OPTIONS]
+        _check_keys(options, "dataset.options", allowed)
+
+    # trainer
+    trainer = dict(_check_keys(data.get("trainer") or {}, "trainer", TRAINER_KEYS))
+
+    # entries
+    methods = known_methods()
+    entries: list[Entry] = []
+    raw_entries = _check_list("entries", data["entries"])
+    for i, e in enumerate(raw_entries):
+        w = f"entries[{i}]"
+        _check_keys(e, w, ENTRY_KEYS, required=("id", "method"))
+        eid = e["id"]
+        if not isinstance(eid, str) or not _ID_RE.match(eid):
+            raise ValueError(f"Spec key `{w}.id` must be an identifier (letters, digits, _ . -), but got {eid!r}.")
+        if eid in [x.id for x in entries]:
+            raise ValueError(f"Spec key `{w}.id`: duplicate entry id {eid!r}.")
+        method = _check_name(f"{w}.method", e["method"], methods)
+        regime = _check_name(f"{w}.regime", e.get("regime", "clean"), REGIMES)
+        if regime == "paired" and method != "rcit":
+            raise ValueError(f"Spec key `{w}.regime`: 'paired' training (clean + corrupted copy) needs method 'rcit', "
+                             f"but the entry's method is {method!r}; use regime 'augment' for other methods.")
+        if method == "rcit" and regime != "paired":
+            raise ValueError(f"Spec key `{w}.regime`: method 'rcit' trains on (clean, corrupted) pairs and needs "
+                             f"regime 'paired', but got {regime!r}.")
+        mix: list[dict[str, Any]] = []
+        if regime in ("augment", "paired"):
+            if "corruption_mix" not in e:
+                raise ValueError(f"Spec key `{w}.corruption_mix` is required for regime {regime!r} "
+                                 f"(e.g. [{{name: speckle, rate: 0.6}}, {{name: salt_pepper, rate: 0.6}}]).")
+            mix = _check_mix(f"{w}.corruption_mix", e["corruption_mix"])
+        elif "corruption_mix" in e:
+            raise ValueError(f"Spec key `{w}.corruption_mix` only applies to regimes 'augment' and 'paired', "
+                             f"but the entry's regime is 'clean'.")
+        frac = e.get("augment_fraction")
+        if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1):
+            raise ValueError(f"Spec key `{w}.augment_fraction` must be a number in [0, 1], but got {frac!r}.")
+        config = e.get("config") or method
+        if not isinstance(config, str):
+            raise ValueError(f"Spec key `{w}.config` must be a config name or .yaml path, but got {config!r}.")
+        config = _resolve_config(f"{w}.config", config, method, spec_dir)
+        overrides = _check_keys(e.get("overrides") or {}, f"{w}.overrides", OVERRIDE_KEYS)
+        for sec, val in overrides.items():
+            if not isinstance(val, dict):
+                raise ValueError(f"Spec key `{w}.overrides.{sec}` must be a mapping, but got {val!r}.")
+        _check_keys(overrides.get("trainer", {}), f"{w}.overrides.trainer", TRAINER_KEYS)
+        entries.append(Entry(eid, method, config, regime, mix, None if frac is None else float(frac),
+                             copy.deepcopy(overrides), str(e.get("description", ""))))
+
+    # seeds
+    seeds = _check_list("seeds", data.get("seeds", [0]))
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"Spec key `seeds[{i}]` must be a non-negative integer, but got {s!r}.")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"Spec key `seeds` has duplicates: {seeds!r}.")
+
+    # baseline
+    ids = [x.id for x in entries]
+    baseline = data.get("baseline")
+    if baseline is not None:
+        _check_name("baseline", baseline, ids)
+
+    evaluation = _validate_evaluation(data["evaluation"], kind)
+
+    wandb_cfg = dict(_check_keys(data.get("wandb") or {}, "wandb", WANDB_KEYS))
+
+    raw = {
+        "name": name,
+        "dataset": {"kind": kind, "options": dict(options)},
+        "trainer": trainer,
+        "seeds": list(seeds),
+        "baseline": baseline,
+        "entries": [
+            {"id": x.id, "method": x.method, "config": x.config, "regime": x.regime, "corruption_mix": x.corruption_mix,
+             "augment_fraction": x.augment_fraction, "overrides": x.overrides}
+            for x in entries
+        ],
+        "evaluation": evaluation,
+    }
+    return Spec(name, Path(path) if path is not None else None, str(data.get("description", "")), kind,
+                dict(options), entries, evaluation, list(seeds), baseline, trainer, wandb_cfg, copy.deepcopy(raw))
+
+
+def _validate_evaluation(ev: Any, dataset_kind: str) -> dict[str, Any]:
+    _check_keys(ev, "evaluation", EVAL_KEYS)
+    out: dict[str, Any] = {"clean": True, "imagenet_c": None, "rcit_protocol": None, "text": None,
+                           "pointing_game": False}
+    for flag in ("clean", "pointing_game"):
+        if flag in ev:
+            if not isinstance(ev[flag], bool):
+                raise ValueError(f"Spec key `evaluation.{flag}` must be true or false, but got {ev[flag]!r}.")
+            out[flag] = ev[flag]
+    if ev.get("imagenet_c"):
+        ic = _check_keys(ev["imagenet_c"], "evaluation.imagenet_c", IC_KEYS, required=("corruptions",))
+        _, sev_names, _ = known_corruptions()
+        names = ic["corruptions"]
+        if names == "all":
+            names = list(sev_names)
+        names = [_check_name(f"evaluation.imagenet_c.corruptions[{i}]", n, sev_names)
+                 for i, n in enumerate(_check_list("evaluation.imagenet_c.corruptions", names))]
+        sev = _check_levels("evaluation.imagenet_c.severities", ic.get("severities", [1, 2, 3, 4, 5]), SEVERITIES)
+        out["imagenet_c"] = {"corruptions": list(dict.fromkeys(names)), "severities": sev}
+    if ev.get("rcit_protocol"):
+        rc = _check_keys(ev["rcit_protocol"], "evaluation.rcit_protocol", RCIT_KEYS, required=("corruptions",))
+        _, _, rate_names = known_corruptions()
+        names = [_check_name(f"evaluation.rcit_protocol.corruptions[{i}]", n, rate_names)
+                 for i, n in enumerate(_check_list("evaluation.rcit_protocol.corruptions", rc["corruptions"]))]
+        rates = [_check_rate(f"evaluation.rcit_protocol.rates[{i}]", r)
+                 for i, r in enumerate(_check_list("evaluation.rcit_protocol.rates", rc.get("rates", [0.6])))]
+        main = rc.get("main_rate", rates[0])
+        main = _check_rate("evaluation.rcit_protocol.main_rate", main)
+        if main not in rates:
+            raise ValueError(f"Spec key `evaluation.rcit_protocol.main_rate` must be one of the rates "
+                             f"{_fmt(rates)}, but got {main!r}.")
+        out["rcit_protocol"] = {"corruptions": list(dict.fromkeys(names)), "rates": sorted(set(rates)),
+                                "main_rate": main}
+    if ev.get("text"):
+        tx = _check_keys(ev["text"], "evaluation.text", TEXT_KEYS, required=("perturbations",))
+        allowed = known_perturbations()
+        names = tx["perturbations"]
+        if names == "all":
+            names = list(allowed)
+        names = [_check_name(f"evaluation.text.perturbations[{i}]", n, allowed)
+                 for i, n in enumerate(_check_list("evaluation.text.perturbations", names))]
+        levels = _check_levels("evaluation.text.levels", tx.get("levels", [1, 3, 5]), TEXT_LEVELS)
+        out["text"] = {"perturbations": list(dict.fromkeys(names)), "levels": levels}
+    if out["pointing_game"] and dataset_kind != "synthetic":
+        raise ValueError("Spec key `evaluation.pointing_game` needs object boxes, which only the 'synthetic' "
+                         f"dataset has, but `dataset.kind` is {dataset_kind!r}; set it to false.")
+    if not any(out[k] for k in ("clean", "imagenet_c", "rcit_protocol", "text")):
+        raise ValueError("Spec key `evaluation` selects no cells; enable `clean` or add a corruption grid.")
+    return out
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec YAML file. Also accepts a shipped spec name ('quick', 'smoke', ...)."""
+    p = Path(path)
+    if not p.exists() and not p.suffix:
+        shipped = shipped_specs()
+        if str(path) in shipped:
+            p = shipped[str(path)]
+        else:
+            raise FileNotFoundError(
+                f"Spec {str(path)!r} is neither a file nor a shipped spec ({_fmt(sorted(shipped))})."
+                f"{did_you_mean(str(path), shipped)}"
+            )
+    if not p.is_file():
+        raise FileNotFoundError(f"Spec file {str(path)!r} not found.")
+    with open(p, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    return validate_spec(data, p)
+
+
+def shipped_specs() -> dict[str, Path]:
+    """Specs in the repository's ``benchmarks/`` folder (when run from a source checkout)."""
+    found: dict[str, Path] = {}
+    for root in (Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"):
+        if root.is_dir():
+            for p in sorted(root.glob("*.yaml")):
+                found.setdefault(p.stem, p)
+    return found

@@ -1,0 +1,485 @@
+"""RetrievalDataModule: one Lightning DataModule for every dataset, training mode and evaluation loader.
+
+Training iterates over captions (one item = one caption and its image). Evaluation iterates over unique images
+and over captions separately, so text representations are computed once and reused across the corruption grid.
+Determinism: training order and training corruptions derive from (seed, epoch, caption index) through a sampler
+living in the main process, evaluation corruptions from (seed, image id), so results do not depend on
+num_workers or batch composition.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from rcit_bench.data.captions import CaptionSplit, simple_tokenize
+from rcit_bench.data.hf import load_hf_hub, load_hf_imagefolder, load_hf_parquet
+from rcit_bench.data.karpathy import SPLITS, load_karpathy
+from rcit_bench.data.synthetic import JSON_NAME, ensure_synthetic
+from rcit_bench.data.vocab import HFTokenizer, Vocabulary
+from rcit_bench.utils import check_choice, stable_hash
+
+__all__ = ["RetrievalDataModule", "DATASETS", "TRAIN_CORRUPTION_MODES", "collate_text", "seed_worker"]
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("synthetic", "flickr30k", "coco", "karpathy", "hf_imagefolder", "hf_parquet", "hf_hub")
+TRAIN_CORRUPTION_MODES = ("none", "augment", "paired")
+DEFAULT_ROOTS = {"synthetic": "data/synthetic", "flickr30k": "data/flickr30k", "coco": "data/coco"}
+# RCIT's setting: speckle or salt-and-pepper noise on 60% of the pixels
+DEFAULT_CORRUPTION_MIX = ({"name": "speckle", "rate": 0.6}, {"name": "salt_pepper", "rate": 0.6})
+_SEED_MOD = 2**31 - 1
+
+_GET_DATA = {
+    "flickr30k": (
+        "Get the Flickr30k images (https://shannon.cs.illinois.edu/DenotationGraph/, by request) into "
+        "<root>/images/ and Karpathy's split file dataset_flickr30k.json (caption_datasets.zip from "
+        "https://cs.stanford.edu/people/karpathy/deepimagesent/) into <root>/"
+    ),
+    "coco": (
+        "Get the COCO 2014 train and val images (https://cocodataset.org) into <root>/images/train2014 and "
+        "<root>/images/val2014, and Karpathy's split file dataset_coco.json (caption_datasets.zip from "
+        "https://cs.stanford.edu/people/karpathy/deepimagesent/) into <root>/"
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed python/numpy in each worker from torch's per-worker seed (itself derived from the loader generator)."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def collate_text(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token id lists to (B, L) int64 with `pad_id`; lengths (B,) count <start>/<end>."""
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+    out = torch.full((len(ids), int(lengths.max()) if len(ids) else 0), pad_id, dtype=torch.long)
+    for b, x in enumerate(ids):
+        out[b, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+    return out, lengths
+
+
+def _corrupt_one(image: torch.Tensor, spec: dict, seed: int, image_id: int) -> torch.Tensor:
+    """Corrupt a single (3, H, W) image; RNG from (seed, name, level, image id) inside `corrupt`."""
+    from rcit_bench.data.corruptions import corrupt
+
+    return corrupt(image[None], spec["name"], severity=spec.get("severity"), rate=spec.get("rate"),
+                   seed=int(seed), image_ids=[int(image_id)])[0]
+
+
+def _validate_corruption(name: str, severity: int | None, rate: float | None, where: str, arg: str) -> dict:
+    """Check a corruption spec early (before workers start) with the corruptions module's own name list."""
+    try:
+        from rcit_bench.data.corruptions import list_corruptions
+    except ImportError as exc:  # pragma: no cover - module written by another engineer
+        raise ImportError(f"{where} needs rcit_bench.data.corruptions, which could not be imported: {exc}") from exc
+    check_choice(arg, name, list_corruptions())
+    if (severity is None) == (rate is None):
+        raise ValueError(f"{where} for {name!r} needs exactly one of `severity` (1..5) or `rate` ([0, 1]), "
+                         f"but got severity={severity!r}, rate={rate!r}.")
+    return {"name": name, "severity": severity, "rate": rate}
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+
+
+class _ImageStore:
+    """Images of one split at the DataModule's resolution, optionally decoded once into a uint8 cache."""
+
+    def __init__(self, split: CaptionSplit, image_size: int, cache: bool) -> None:
+        self.split, self.image_size = split, image_size
+        self.cache: torch.Tensor | None = None
+        if cache:
+            self.cache = torch.stack([split.load_image_uint8(i, image_size) for i in range(len(split))])  # (N,3,S,S)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def get(self, i: int) -> torch.Tensor:
+        """Float (3, S, S) in [0, 1]."""
+        img = self.cache[i] if self.cache is not None else self.split.load_image_uint8(i, self.image_size)
+        return img.float().div_(255.0)
+
+
+class _EpochSampler(Sampler):
+    """Yields (caption index, epoch): a per-epoch permutation from (seed, epoch), carrying the epoch to workers.
+
+    Lightning calls ``set_epoch`` before each epoch; without it, each new iteration advances the epoch.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        self.epoch += 1
+        if self.shuffle:
+            g = torch.Generator().manual_seed(stable_hash(self.seed, "shuffle", epoch) % _SEED_MOD)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = range(self.n)
+        return iter([(int(k), epoch) for k in order])
+
+
+class _CaptionImageDataset(Dataset):
+    """One item per caption with its image; training corruption decided per (seed, epoch, caption index)."""
+
+    def __init__(self, store: _ImageStore, token_ids: list[list[int]], mode: str, mix: Sequence[dict],
+                 fraction: float, seed: int) -> None:
+        self.store, self.token_ids, self.mode, self.mix = store, token_ids, mode, list(mix)
+        self.fraction, self.seed = fraction, seed
+        self.c2i = store.split.caption_to_image.tolist()
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        k, epoch = index if isinstance(index, tuple) else (index, 0)
+        i = self.c2i[k]
+        image = self.store.get(i)
+        item: dict[str, Any] = {"image": image, "ids": self.token_ids[k], "image_index": i, "caption_index": k}
+        if self.mode == "none":
+            return item
+        rng = random.Random(stable_hash(self.seed, "train-corruption", epoch, k))
+        spec = self.mix[rng.randrange(len(self.mix))]
+        cseed = stable_hash(self.seed, "train-noise", epoch, k) % _SEED_MOD
+        image_id = self.store.split.image_ids[i]
+        if self.mode == "paired":
+            item["corrupted_image"] = _corrupt_one(image, spec, cseed, image_id)
+        else:  # augment
+            item["corrupted"] = rng.random() < self.fraction
+            if item["corrupted"]:
+                item["image"] = _corrupt_one(image, spec, cseed, image_id)
+        return item
+
+
+def _collate_caption_image(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    tokens, lengths = collate_text([b["ids"] for b in batch], pad_id)
+    out = {
+        "images": torch.stack([b["image"] for b in batch]),  # (B, 3, H, W)
+        "tokens": tokens,  # (B, L)
+        "lengths": lengths,  # (B,)
+        "image_index": torch.tensor([b["image_index"] for b in batch], dtype=torch.long),
+        "caption_index": torch.tensor([b["caption_index"] for b in batch], dtype=torch.long),
+    }
+    if "corrupted_image" in batch[0]:
+        out["corrupted_images"] = torch.stack([b["corrupted_image"] for b in batch])  # (B, 3, H, W)
+    if "corrupted" in batch[0]:  # augment mode: which images were replaced by a corrupted copy
+        out["corrupted"] = torch.tensor([b["corrupted"] for b in batch], dtype=torch.bool)
+    return out
+
+
+class _ImageDataset(Dataset):
+    """Unique images; an optional corruption deterministic per (seed, image id)."""
+
+    def __init__(self, store: _ImageStore, spec: dict | None, seed: int) -> None:
+        self.store, self.spec, self.seed = store, spec, seed
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = self.store.get(i)
+        if self.spec is not None:
+            image = _corrupt_one(image, self.spec, self.seed, self.store.split.image_ids[i])
+        return {"image": image, "image_index": i}
+
+
+def _collate_images(batch: list[dict]) -> dict[str, torch.Tensor]:
+    return {"images": torch.stack([b["image"] for b in batch]),
+            "image_index": torch.tensor([b["image_index"] for b in batch], dtype=torch.long)}
+
+
+class _CaptionDataset(Dataset):
+    def __init__(self, token_ids: list[list[int]]) -> None:
+        self.token_ids = token_ids
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return {"ids": self.token_ids[k], "caption_index": k}
+
+
+def _collate_captions(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    tokens, lengths = collate_text([b["ids"] for b in batch], pad_id)
+    return {"tokens": tokens, "lengths": lengths,
+            "caption_index": torch.tensor([b["caption_index"] for b in batch], dtype=torch.long)}
+
+
+class _Collate:
+    """Picklable collate with a bound pad id (lambdas do not survive spawn-started workers)."""
+
+    def __init__(self, fn: Any, pad_id: int | None = None) -> None:
+        self.fn, self.pad_id = fn, pad_id
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        return self.fn(batch) if self.pad_id is None else self.fn(batch, self.pad_id)
+
+
+# --------------------------------------------------------------------------------------------- datamodule
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    """Image-text retrieval data for every dataset source, with clean / augmented / paired corrupted training.
+
+    Args:
+        dataset: 'synthetic' | 'flickr30k' | 'coco' | 'karpathy' | 'hf_imagefolder' | 'hf_parquet' | 'hf_hub'.
+        root: dataset directory (synthetic: generated there, default 'data/synthetic'; flickr30k/coco: holds
+            dataset_<name>.json and images/; karpathy: the image root; hf_imagefolder: the folder; hf_parquet: a
+            file, directory or glob; hf_hub: the dataset name).
+        json_path: the Karpathy JSON for dataset='karpathy'.
+        image_size: images are delivered as (3, S, S) (shorter side resized, center crop); the synthetic set is
+            generated at this size.
+        train_corruption: 'none'; 'augment' replaces `augment_fraction` of training images by a corrupted copy
+            (corruption drawn from `corruption_mix`); 'paired' adds `corrupted_images` to every training batch.
+        corruption_mix: list of {name, severity | rate}; default RCIT's speckle / salt-and-pepper at rate 0.6.
+        seed: training order, training corruptions and worker seeds.
+        eval_seed: seed of evaluation corruptions / caption perturbations, separate from `seed` so models trained
+            with different seeds are all tested on the very same corrupted pixels.
+        n_train / n_val / n_test / synthetic_seed: size and generation seed of the synthetic set (the data does
+            not change with the training `seed`).
+        text_encoder: 'vocab' (word vocabulary from the training split) or a local Hugging Face tokenizer path.
+        limit_train / limit_val / limit_test: keep the first N images (and their captions) for tiny runs.
+        cache_images: decode all images once into memory as uint8 (default: on for synthetic only).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "synthetic",
+        root: str | os.PathLike | None = None,
+        *,
+        json_path: str | os.PathLike | None = None,
+        image_size: int = 64,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        eval_seed: int = 0,
+        train_corruption: str = "none",
+        corruption_mix: Sequence[dict] | None = None,
+        augment_fraction: float = 0.5,
+        n_train: int = 10000,
+        n_val: int = 1000,
+        n_test: int = 1000,
+        synthetic_seed: int = 0,
+        text_encoder: str = "vocab",
+        vocab_min_count: int = 1,
+        max_length: int | None = None,
+        limit_train: int | None = None,
+        limit_val: int | None = None,
+        limit_test: int | None = None,
+        cache_images: bool | None = None,
+        skip_unreadable: bool = False,
+    ) -> None:
+        super().__init__()
+        check_choice("dataset", dataset, DATASETS)
+        check_choice("train_corruption", train_corruption, TRAIN_CORRUPTION_MODES)
+        for arg, value in (("image_size", image_size), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Argument `{arg}` must be a positive integer, but got {value!r}.")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"Argument `num_workers` must be an integer >= 0, but got {num_workers!r}.")
+        if not 0.0 <= float(augment_fraction) <= 1.0:
+            raise ValueError(f"Argument `augment_fraction` must be in [0, 1], but got {augment_fraction!r}.")
+        for arg, value in (("limit_train", limit_train), ("limit_val", limit_val), ("limit_test", limit_test)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"Argument `{arg}` must be a positive integer or None, but got {value!r}.")
+        if dataset == "karpathy" and (json_path is None or root is None):
+            raise ValueError("dataset='karpathy' needs `json_path` (the Karpathy JSON) and `root` (the image root).")
+        if dataset.startswith("hf_") and root is None:
+            raise ValueError(f"dataset={dataset!r} needs `root` (folder, Parquet path/glob or Hub name).")
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.root = Path(root) if root is not None and dataset != "hf_hub" else root
+        if self.root is None:
+            self.root = Path(DEFAULT_ROOTS[dataset])
+        self.json_path = Path(json_path) if json_path is not None else None
+        self.image_size, self.batch_size, self.eval_batch_size = image_size, batch_size, eval_batch_size
+        self.num_workers, self.seed, self.eval_seed = num_workers, int(seed), int(eval_seed)
+        self.train_corruption, self.augment_fraction = train_corruption, float(augment_fraction)
+        self.synthetic_sizes = {"n_train": n_train, "n_val": n_val, "n_test": n_test}
+        self.synthetic_seed = int(synthetic_seed)
+        self.text_encoder_name, self.vocab_min_count, self.max_length = text_encoder, vocab_min_count, max_length
+        self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
+        self.cache_images = (dataset == "synthetic") if cache_images is None else bool(cache_images)
+        self.skip_unreadable = skip_unreadable
+        self.corruption_mix: list[dict] = []
+        if train_corruption != "none":
+            mix = list(corruption_mix) if corruption_mix is not None else [dict(d) for d in DEFAULT_CORRUPTION_MIX]
+            if not mix:
+                raise ValueError(f"Argument `corruption_mix` must not be empty when train_corruption={train_corruption!r}.")
+            for j, spec in enumerate(mix):
+                if not isinstance(spec, dict) or "name" not in spec or set(spec) - {"name", "severity", "rate"}:
+                    raise ValueError(f"Argument `corruption_mix[{j}]` must be a dict with 'name' and 'severity' or "
+                                     f"'rate', but got {spec!r}.")
+                self.corruption_mix.append(_validate_corruption(spec["name"], spec.get("severity"), spec.get("rate"),
+                                                                f"corruption_mix[{j}]", f"corruption_mix[{j}].name"))
+        self._splits: dict[str, CaptionSplit] = {}
+        self._stores: dict[str, _ImageStore] = {}
+        self._encoded: dict[tuple[str, Any, Any], list[list[int]]] = {}
+        self._encoder: Vocabulary | HFTokenizer | None = None
+        self._train_sampler: _EpochSampler | None = None
+
+    # ---------------------------------------------------------------------------------------- loading
+
+    def prepare_data(self) -> None:
+        if self.dataset == "synthetic":
+            ensure_synthetic(self.root, image_size=self.image_size, seed=self.synthetic_seed, **self.synthetic_sizes)
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for s in needed.get(stage, SPLITS) if stage else SPLITS:
+            self.split(s)
+
+    def _missing_root(self, path: Path) -> FileNotFoundError:
+        how = _GET_DATA.get(self.dataset, "Check the `root` argument")
+        return FileNotFoundError(
+            f"Dataset root for dataset={self.dataset!r} not found: {path}. {how} (or pass root=...). "
+            f"To run without downloading anything use dataset='synthetic'."
+        )
+
+    def _load(self, split: str) -> CaptionSplit:
+        ds, root = self.dataset, self.root
+        if ds == "synthetic":
+            self.prepare_data()
+            return load_karpathy(Path(root) / JSON_NAME, Path(root) / "images", split)
+        if ds in ("flickr30k", "coco"):
+            root = Path(root)
+            if not root.is_dir():
+                raise self._missing_root(root)
+            json_path = root / f"dataset_{ds}.json"
+            if not json_path.is_file():
+                raise self._missing_root(json_path)
+            image_root = next((p for p in (root / "images", root / "flickr30k-images") if p.is_dir()), root)
+            return load_karpathy(json_path, image_root, split, skip_unreadable=self.skip_unreadable)
+        if ds == "karpathy":
+            return load_karpathy(self.json_path, root, split, skip_unreadable=self.skip_unreadable)
+        if ds == "hf_imagefolder":
+            return load_hf_imagefolder(root, split)
+        if ds == "hf_parquet":
+            return load_hf_parquet(root, split)
+        return load_hf_hub(str(root), split)
+
+    def split(self, split: str) -> CaptionSplit:
+        """The (limited) CaptionSplit of 'train' | 'val' | 'test', loaded once."""
+        check_choice("split", split, SPLITS)
+        if split not in self._splits:
+            self._splits[split] = self._load(split).head(self.limits[split])
+            log.info("loaded %r", self._splits[split])
+        return self._splits[split]
+
+    def caption_to_image(self, split: str) -> torch.Tensor:
+        """LongTensor (N_cap,) image index of each caption of `split`."""
+        return self.split(split).caption_to_image.clone()
+
+    def _store(self, split: str) -> _ImageStore:
+        if split not in self._stores:
+            self._stores[split] = _ImageStore(self.split(split), self.image_size, self.cache_images)
+        return self._stores[split]
+
+    @property
+    def vocab(self) -> Vocabulary | HFTokenizer:
+        """The text encoder: a Vocabulary built from the (limited) TRAINING split only, or an HFTokenizer."""
+        if self._encoder is None:
+            if self.text_encoder_name == "vocab":
+                self._encoder = Vocabulary.build(self.split("train").tokens, min_count=self.vocab_min_count)
+            else:
+                self._encoder = HFTokenizer(self.text_encoder_name, max_length=self.max_length)
+        return self._encoder
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.vocab.pad_id)
+
+    def _token_ids(self, split: str, perturbation: str | None = None, level: int | None = None) -> list[list[int]]:
+        """Encoded captions of a split, optionally perturbed (deterministic per (seed, caption index))."""
+        key = (split, perturbation, level)
+        if key not in self._encoded:
+            cs, enc = self.split(split), self.vocab
+            use_words = isinstance(enc, Vocabulary)
+            if perturbation is None:
+                texts: list = cs.tokens if use_words else cs.captions
+            else:
+                from rcit_bench.data.text_perturbations import perturb_caption
+
+                raw = [perturb_caption(c, perturbation, int(level), seed=self.eval_seed, caption_id=k)
+                       for k, c in enumerate(cs.captions)]
+                texts = [simple_tokenize(r) for r in raw] if use_words else raw
+            self._encoded[key] = [enc.encode(t, max_length=self.max_length) for t in texts]
+        return self._encoded[key]
+
+    # ------------------------------------------------------------------------------------- dataloaders
+
+    def _loader(self, dataset: Dataset, batch_size: int, collate: _Collate, sampler: Sampler | None = None,
+                persistent: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=self.num_workers,
+            collate_fn=collate, worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(self.seed),
+            persistent_workers=persistent and self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled captions with their images; batch dict images/tokens/lengths/image_index/caption_index
+        (+ corrupted_images in 'paired' mode)."""
+        ds = _CaptionImageDataset(self._store("train"), self._token_ids("train"), self.train_corruption,
+                                  self.corruption_mix, self.augment_fraction, self.seed)
+        self._train_sampler = _EpochSampler(len(ds), self.seed, shuffle=True)
+        return self._loader(ds, self.batch_size, _Collate(_collate_caption_image, self.pad_id), self._train_sampler,
+                            persistent=True)
+
+    def _ordered_pairs(self, split: str) -> DataLoader:
+        ds = _CaptionImageDataset(self._store(split), self._token_ids(split), "none", [], 0.0, self.seed)
+        return self._loader(ds, self.eval_batch_size, _Collate(_collate_caption_image, self.pad_id))
+
+    def val_dataloader(self) -> DataLoader:
+        """Clean val captions in caption order, each with its image (same dict format as training)."""
+        return self._ordered_pairs("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._ordered_pairs("test")
+
+    def image_loader(self, split: str, corruption: str | None = None, severity: int | None = None,
+                     rate: float | None = None) -> DataLoader:
+        """Unique images of `split` as {images (B,3,S,S), image_index (B,)}, optionally corrupted per
+        (eval_seed, image id) so the pixels do not depend on batch size, order or num_workers."""
+        spec = None
+        if corruption is not None:
+            spec = _validate_corruption(corruption, severity, rate, "corruption", "corruption")
+        elif severity is not None or rate is not None:
+            raise ValueError(f"`severity`/`rate` given ({severity!r}/{rate!r}) without a `corruption` name.")
+        return self._loader(_ImageDataset(self._store(split), spec, self.eval_seed), self.eval_batch_size,
+                            _Collate(_collate_images))
+
+    def caption_loader(self, split: str, perturbation: str | None = None, level: int | None = None) -> DataLoader:
+        """Captions of `split` as {tokens (B,L), lengths (B,), caption_index (B,)}, optionally perturbed."""
+        if perturbation is not None:
+            from rcit_bench.data.text_perturbations import list_perturbations
+
+            check_choice("perturbation", perturbation, list_perturbations())
+            if level is None:
+                raise ValueError(f"Argument `level` is required with perturbation={perturbation!r}.")
+        return self._loader(_CaptionDataset(self._token_ids(split, perturbation, level)), self.eval_batch_size,
+                            _Collate(_collate_captions, self.pad_id))

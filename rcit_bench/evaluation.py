@@ -1,0 +1,139 @@
+"""The one evaluation path for every method: encode images, encode captions, similarity, metrics.
+
+Why separate image and text encoding: text representations do not depend on the image corruption,
+so the runner encodes the captions once per model (:func:`encode_texts`) and re-encodes only the
+images for each cell of the corruption grid (:func:`evaluate`).
+
+Representations are dicts of tensors whose first dim is the item (see rcit_bench.models.base); they
+stay on the model's device. Each returned dict also carries the item order it was sorted by
+(``image_index`` / ``caption_index``), which :func:`evaluate` uses to line up ``caption_to_image``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["encode_images", "encode_texts", "cat_reps", "evaluate", "similarity_matrix"]
+
+_INDEX_KEYS = ("image_index", "caption_index")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def cat_reps(reps: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Concatenate rep dicts along dim 0; tensors with ndim >= 3 (word features) are zero-padded in dim 1.
+
+    ``lengths`` entries are concatenated unchanged, so padded words stay masked out.
+    """
+    if not reps:
+        raise ValueError("Argument `reps` is empty: no batches were encoded (is the loader empty?).")
+    out: dict[str, Tensor] = {}
+    for key in reps[0]:
+        parts = [r[key] for r in reps]
+        if parts[0].ndim >= 3:
+            width = max(p.shape[1] for p in parts)
+            parts = [F.pad(p, (0, 0) * (p.ndim - 2) + (0, width - p.shape[1])) for p in parts]
+        out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+def _sorted_by(reps: dict[str, Tensor], index: Tensor, key: str) -> dict[str, Tensor]:
+    order = torch.argsort(index)
+    out = {k: v[order] for k, v in reps.items()}
+    out[key] = index[order]
+    if len(torch.unique(out[key])) != len(out[key]):
+        raise ValueError(f"The loader yielded duplicate `{key}` values; each item must appear once.")
+    return out
+
+
+@torch.inference_mode()
+def encode_images(model: Any, loader: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Encode every image of a loader yielding ``{images (B,3,H,W), image_index (B,)}``.
+
+    Returns the model's image reps sorted by ``image_index`` plus an ``image_index`` entry.
+    """
+    model.eval()
+    device = _device(model)
+    reps, index = [], []
+    for batch in loader:
+        reps.append(model.encode_image(batch["images"].to(device)))
+        index.append(torch.as_tensor(batch["image_index"]).to(device))
+    return _sorted_by(cat_reps(reps), torch.cat(index), "image_index")
+
+
+@torch.inference_mode()
+def encode_texts(model: Any, loader: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Encode every caption of a loader yielding ``{tokens (B,L), lengths (B,), caption_index (B,)}``.
+
+    Returns the model's text reps sorted by ``caption_index`` plus a ``caption_index`` entry.
+    """
+    model.eval()
+    device = _device(model)
+    reps, index = [], []
+    for batch in loader:
+        reps.append(model.encode_text(batch["tokens"].to(device), batch["lengths"].to(device)))
+        index.append(torch.as_tensor(batch["caption_index"]).to(device))
+    return _sorted_by(cat_reps(reps), torch.cat(index), "caption_index")
+
+
+def _strip(reps: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in reps.items() if k not in _INDEX_KEYS}
+
+
+@torch.inference_mode()
+def similarity_matrix(model: Any, image_reps: dict[str, Tensor], text_reps: dict[str, Tensor]) -> Tensor:
+    """(N_img, N_txt) similarities from the model, index entries removed."""
+    model.eval()
+    return model.similarity(_strip(image_reps), _strip(text_reps))
+
+
+def evaluate(
+    model: Any,
+    image_loader: Iterable[dict[str, Tensor]] | dict[str, Tensor],
+    text_reps: dict[str, Tensor],
+    caption_to_image: Tensor,
+    *,
+    coco_1k: bool = False,
+) -> dict[str, float]:
+    """Retrieval metrics of `model` on the images of `image_loader` against precomputed `text_reps`.
+
+    `image_loader` may also be image reps already returned by :func:`encode_images`.
+    `caption_to_image` (N_cap,) maps each caption of the split to its image's index in the split;
+    only the captions present in `text_reps` (by ``caption_index``) and images present in the loader
+    (by ``image_index``) are used. ``coco_1k=True`` adds the 5-fold 1K metrics as ``1k_<key>``.
+    """
+    from rcit_bench.metrics import retrieval_metrics
+
+    image_reps = image_loader if isinstance(image_loader, dict) else encode_images(model, image_loader)
+    c2i = torch.as_tensor(caption_to_image).long()
+    cap_idx = text_reps.get("caption_index")
+    if cap_idx is not None:
+        c2i = c2i.to(cap_idx.device)[cap_idx]
+    img_idx = image_reps.get("image_index")
+    if img_idx is not None:
+        c2i = c2i.to(img_idx.device)
+        pos = torch.searchsorted(img_idx, c2i).clamp(max=len(img_idx) - 1)
+        if not torch.equal(img_idx[pos], c2i):
+            missing = sorted(set(c2i.tolist()) - set(img_idx.tolist()))[:5]
+            raise ValueError(
+                f"Argument `caption_to_image` refers to images the image loader did not yield, e.g. {missing}."
+            )
+        c2i = pos
+    sims = similarity_matrix(model, image_reps, text_reps).float().cpu()
+    if sims.shape[1] != len(c2i):
+        raise ValueError(f"Similarity has {sims.shape[1]} captions but `caption_to_image` has {len(c2i)}.")
+    metrics = {k: float(v) for k, v in retrieval_metrics(sims, c2i.cpu()).items()}
+    if coco_1k:
+        from rcit_bench.metrics import coco_1k_metrics
+
+        metrics.update({f"1k_{k}": float(v) for k, v in coco_1k_metrics(sims, c2i.cpu()).items()})
+    return metrics

@@ -1,0 +1,256 @@
+"""`RetrievalModule`: the LightningModule every matching method subclasses.
+
+Why one base: evaluation needs only ``encode_image``, ``encode_text`` and ``similarity``, so every
+method shares one evaluation path (rcit_bench.evaluation), one validation loop, one optimizer setup
+and one NaN guard; a method file only says what is specific to its paper.
+
+Hooks for method authors (override what differs, keep the signatures):
+
+- ``image_rep_keys`` / ``text_rep_keys`` (class attributes): which encoder outputs ``encode_image`` /
+  ``encode_text`` keep. Image encoders give ``global`` (B, D) and ``local`` (B, R, D); text encoders
+  ``global`` (B, D), ``words`` (B, L, D), ``lengths`` (B,). Defaults keep ``global`` only (VSE-style);
+  a cross-attention method sets e.g. ``("local",)`` and ``("words", "lengths")``.
+- ``encode_image(images) -> dict`` / ``encode_text(tokens, lengths) -> dict``: override to add heads
+  (e.g. region reasoning); every value's first dim is the batch. Inference runs them in eval mode.
+- ``similarity(image_reps, text_reps) -> (N_img, N_txt)``: default cosine of the ``global`` vectors.
+  Cross-attention methods should compute through ``rcit_bench.models.similarity.chunked_scores`` with
+  ``self.hparams.memory_budget_mb``.
+- ``compute_loss(batch) -> (loss, logs)``: default bidirectional triplet on ``similarity`` of the
+  batch (hardest negative, sum over negatives during the first ``warmup_epochs``). ``logs`` values
+  are logged as ``train/<key>``.
+- ``extra_param_groups()``: optional extra optimizer groups; ``backbone_parameters()`` are the image
+  backbone parameters scaled by ``backbone_lr_mult`` (0 freezes them).
+- ``self.use_max_violation()``, ``self.training_progress()`` (in [0, 1]) for schedules.
+
+Constructor args of subclasses must be plain YAML types (saved with ``save_hyperparameters`` so that
+``Method.load_from_checkpoint(path, weights_only=True)`` rebuilds the model).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from rcit_bench.models.registry import build_image_encoder, build_text_encoder
+
+__all__ = ["RetrievalModule", "encoder_config"]
+
+
+def encoder_config(cfg: str | dict[str, Any], arg: str) -> tuple[str, dict[str, Any]]:
+    """``'gru'`` or ``{'name': 'gru', **kwargs}`` -> (name, kwargs)."""
+    if isinstance(cfg, str):
+        return cfg, {}
+    if isinstance(cfg, dict) and "name" in cfg:
+        kw = dict(cfg)
+        return str(kw.pop("name")), kw
+    raise ValueError(f"Argument `{arg}` must be a name or a mapping with a `name` key, but got {cfg!r}.")
+
+
+class RetrievalModule(L.LightningModule):
+    """Shared encoders + similarity + triplet training + retrieval validation (see module docstring)."""
+
+    method_name: str = "base"
+    image_rep_keys: tuple[str, ...] = ("global",)
+    text_rep_keys: tuple[str, ...] = ("global",)
+
+    def __init__(
+        self,
+        image_encoder: str | dict[str, Any] = "small_cnn",
+        text_encoder: str | dict[str, Any] = "gru",
+        vocab_size: int | None = None,
+        embed_dim: int = 1024,
+        margin: float = 0.2,
+        max_violation: bool = True,
+        warmup_epochs: int = 0,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        lr_decay_epochs: int | list[int] | None = 15,
+        lr_decay_gamma: float = 0.1,
+        grad_clip: float | None = 2.0,
+        backbone_lr_mult: float = 1.0,
+        memory_budget_mb: float = 512.0,
+        data_config: dict[str, Any] | None = None,
+        **unused: Any,
+    ) -> None:
+        super().__init__()
+        if unused:
+            import inspect
+
+            valid = sorted(
+                p for cls in type(self).__mro__ if issubclass(cls, RetrievalModule)
+                for p in inspect.signature(cls.__init__).parameters if p not in ("self", "unused", "kwargs")
+            )
+            from rcit_bench.utils import did_you_mean
+
+            bad = sorted(unused)[0]
+            raise ValueError(
+                f"Unknown argument(s) {sorted(unused)} for method {self.method_name!r}; valid: {valid}."
+                f"{did_you_mean(bad, valid)}"
+            )
+        self.save_hyperparameters()
+        img_name, img_kw = encoder_config(image_encoder, "image_encoder")
+        txt_name, txt_kw = encoder_config(text_encoder, "text_encoder")
+        self.image_encoder = build_image_encoder(img_name, embed_dim=embed_dim, **img_kw)
+        self.text_encoder = build_text_encoder(txt_name, embed_dim=embed_dim, vocab_size=vocab_size, **txt_kw)
+        self._val_img: list[dict[str, Tensor]] = []
+        self._val_img_idx: list[Tensor] = []
+        self._val_txt: list[dict[str, Tensor]] = []
+        self._val_txt_idx: list[Tensor] = []
+        self._val_c2i: list[Tensor] = []
+        self._val_seen: set[int] = set()
+
+    # ------------------------------------------------------------------------------------ encoding
+    def encode_image(self, images: Tensor) -> dict[str, Tensor]:
+        """images (B, 3, H, W) in [0, 1] (or (B, R, F) for 'precomputed') -> reps, first dim B."""
+        out = self.image_encoder(images)
+        return {k: out[k] for k in self.image_rep_keys}
+
+    def encode_text(self, tokens: Tensor, lengths: Tensor) -> dict[str, Tensor]:
+        """tokens (B, L) int64, lengths (B,) -> reps, first dim B."""
+        out = self.text_encoder(tokens, lengths)
+        return {k: out[k] for k in self.text_rep_keys}
+
+    def similarity(self, image_reps: dict[str, Tensor], text_reps: dict[str, Tensor]) -> Tensor:
+        """(N_img, N_txt) cosine similarity of the global vectors."""
+        from rcit_bench.models.similarity import cosine_sim
+
+        return cosine_sim(image_reps["global"], text_reps["global"])
+
+    # ------------------------------------------------------------------------------------ training
+    def use_max_violation(self) -> bool:
+        """Hardest negative after the warm-up epochs (VSE-infinity), sum of all negatives before."""
+        return bool(self.hparams.max_violation) and self.current_epoch >= int(self.hparams.warmup_epochs or 0)
+
+    def training_progress(self) -> float:
+        """Fraction of training done in [0, 1] (0 without a trainer)."""
+        trainer = self._trainer
+        if trainer is None:
+            return 0.0
+        total = trainer.estimated_stepping_batches
+        if not total or not math.isfinite(total):
+            return 0.0
+        return float(min(1.0, max(0.0, trainer.global_step / total)))
+
+    def triplet(self, sims: Tensor) -> Tensor:
+        """Bidirectional triplet ranking loss on a square (B, B) matrix, positives on the diagonal."""
+        from rcit_bench.models.losses import triplet_ranking_loss
+
+        return triplet_ranking_loss(sims, margin=float(self.hparams.margin), max_violation=self.use_max_violation())
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """Default: triplet loss on the in-batch similarity of images and captions."""
+        img = self.encode_image(batch["images"])
+        txt = self.encode_text(batch["tokens"], batch["lengths"])
+        loss = self.triplet(self.similarity(img, txt))
+        return loss, {"triplet": loss.detach()}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, logs = self.compute_loss(batch)
+        self.check_finite(loss)
+        bs = int(batch["tokens"].shape[0])
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value, batch_size=bs)
+        return loss
+
+    def check_finite(self, loss: Tensor) -> None:
+        """Stop training on a NaN/inf loss with a message that says where and what to do."""
+        if not torch.isfinite(loss.detach()).all():
+            value = loss.detach().float().cpu().item() if loss.numel() == 1 else "non-finite"
+            raise FloatingPointError(
+                f"Loss became {value} at global step {self.global_step} (epoch {self.current_epoch}) in method "
+                f"{self.method_name!r}; the last good checkpoint is kept (nothing is saved after this step). "
+                f"Lower `lr`, set `grad_clip`, or check the inputs of this batch."
+            )
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        """Clip by the ``grad_clip`` hyper-parameter (VSE++ uses 2.0) unless the Trainer sets its own."""
+        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=float(clip),
+                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    # ------------------------------------------------------------------------------------ optimizer
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        backbone = getattr(self.image_encoder, "backbone", None)
+        return list(backbone.parameters()) if backbone is not None else []
+
+    def extra_param_groups(self) -> list[dict[str, Any]]:
+        """Hook: extra optimizer groups (their parameters are excluded from the default group)."""
+        return []
+
+    def configure_optimizers(self) -> Any:
+        lr = float(self.hparams.lr)
+        wd = float(self.hparams.weight_decay)
+        mult = float(self.hparams.backbone_lr_mult)
+        extra = self.extra_param_groups()
+        backbone = self.backbone_parameters()
+        taken = {id(p) for g in extra for p in g["params"]} | {id(p) for p in backbone}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in taken and p.requires_grad]}]
+        if mult > 0:
+            groups.append({"params": [p for p in backbone if p.requires_grad], "lr": lr * mult})
+        else:
+            for p in backbone:
+                p.requires_grad_(False)
+        groups += extra
+        groups = [g for g in groups if g["params"]]
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=wd)
+        decay = self.hparams.lr_decay_epochs
+        if not decay:
+            return opt
+        if isinstance(decay, (list, tuple)):
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(e) for e in decay],
+                                                         gamma=float(self.hparams.lr_decay_gamma))
+        else:
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(decay), gamma=float(self.hparams.lr_decay_gamma))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_img, self._val_img_idx, self._val_txt, self._val_txt_idx, self._val_c2i = [], [], [], [], []
+        self._val_seen = set()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Encode each unique image once (first time its index appears) and every caption."""
+        image_index = batch["image_index"]
+        keep = []
+        for row, idx in enumerate(image_index.tolist()):
+            if idx not in self._val_seen:
+                self._val_seen.add(idx)
+                keep.append(row)
+        if keep:
+            rows = torch.tensor(keep, device=image_index.device)
+            self._val_img.append(self.encode_image(batch["images"][rows]))
+            self._val_img_idx.append(image_index[rows])
+        self._val_txt.append(self.encode_text(batch["tokens"], batch["lengths"]))
+        cap_idx = batch.get("caption_index")
+        if cap_idx is None:
+            cap_idx = torch.arange(len(image_index), device=image_index.device) + sum(len(t) for t in self._val_txt_idx)
+        self._val_txt_idx.append(cap_idx)
+        self._val_c2i.append(image_index)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_txt:
+            return
+        from rcit_bench.evaluation import cat_reps
+        from rcit_bench.metrics import retrieval_metrics
+
+        img_idx = torch.cat(self._val_img_idx)
+        img_order = torch.argsort(img_idx)
+        img_reps = {k: v[img_order] for k, v in cat_reps(self._val_img).items()}
+        txt_idx = torch.cat(self._val_txt_idx)
+        txt_order = torch.argsort(txt_idx)
+        txt_reps = {k: v[txt_order] for k, v in cat_reps(self._val_txt).items()}
+        c2i_raw = torch.cat(self._val_c2i)[txt_order]
+        sorted_img = img_idx[img_order]
+        c2i = torch.searchsorted(sorted_img, c2i_raw)  # positions of each caption's image
+        sims = self.similarity(img_reps, txt_reps)
+        metrics = retrieval_metrics(sims.float().cpu(), c2i.cpu())
+        for key, value in metrics.items():
+            self.log(f"val/{key}", float(value), prog_bar=key == "rsum", sync_dist=False)
+        self._val_img, self._val_txt = [], []

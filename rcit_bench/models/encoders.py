@@ -1,0 +1,340 @@
+"""Image and text encoders shared by all methods (each defined once, selected by name in the config).
+
+Representation keys (the contract every method builds on):
+
+- image encoders return ``{"global": (B, D), "local": (B, R, D)}``: a pooled vector and the grid of
+  the last feature map (R = h * w cells, row-major), both linearly projected to ``embed_dim``;
+- text encoders return ``{"global": (B, D), "words": (B, L, D), "lengths": (B,)}``: a sentence vector,
+  per-token features (zeros past each length) and the token counts.
+
+Nothing is l2-normalised here: the methods decide (cosine similarity normalises inside).
+
+Image encoders take images float (B, 3, H, W) in [0, 1] at the dataset's resolution and do the model's
+own resize and normalisation inside, so corruptions are applied before them (DESIGN section 4).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from rcit_bench.models.registry import register_image_encoder, register_text_encoder
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+__all__ = [
+    "ImageEncoder",
+    "SmallCNN",
+    "TimmImageEncoder",
+    "PrecomputedImageEncoder",
+    "RNNTextEncoder",
+    "TransformerTextEncoder",
+    "load_state_dict_file",
+    "lengths_to_mask",
+]
+
+
+def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """lengths (B,) -> bool mask (B, max_len), True at valid positions."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Load weights from a local ``.safetensors`` or torch file (``weights_only=True``, no pickled code).
+
+    Nested ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Argument `weights_path`: file {str(path)!r} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"Weights file {str(path)!r} does not hold a state dict (got {type(state).__name__}).")
+    return state
+
+
+# =============================================================================================== images
+class ImageEncoder(nn.Module):
+    """Base image encoder: resize + normalise -> ``backbone`` feature map -> projected grid and vector.
+
+    Subclasses set ``self.backbone`` (a module mapping normalised images to (B, C, h, w) or tokens
+    (B, N, C); override :meth:`features`) and call :meth:`_init_heads` with C. ``backbone`` is the
+    part that ``backbone_lr_mult`` scales in the optimizer.
+    """
+
+    input_size: int | None
+    embed_dim: int
+
+    def __init__(self, embed_dim: int, input_size: int | None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        super().__init__()
+        self.embed_dim = int(embed_dim)
+        self.input_size = int(input_size) if input_size else None
+        # Non-persistent: constants, not weights; keeps checkpoints and weight files backbone-only.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def _init_heads(self, feat_dim: int) -> None:
+        self.feat_dim = int(feat_dim)
+        self.proj_local = nn.Linear(feat_dim, self.embed_dim)
+        self.proj_global = nn.Linear(feat_dim, self.embed_dim)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) in [0, 1] -> resized to ``input_size`` and normalised."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"Image encoder expects images of shape (B, 3, H, W), got {tuple(images.shape)}.")
+        x = images.float()
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return (x - self.mean) / self.std
+
+    def features(self, x: Tensor) -> Tensor:
+        """Normalised images -> feature map (B, C, h, w)."""
+        return self.backbone(x)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        fmap = self.features(self.preprocess(images))
+        if fmap.ndim == 4:
+            grid = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        else:
+            grid = fmap  # (B, N, C) tokens
+        pooled = grid.mean(dim=1)  # (B, C)
+        return {"global": self.proj_global(pooled), "local": self.proj_local(grid)}
+
+
+class SmallCNN(ImageEncoder):
+    """A small conv net for CPU runs: conv-BN-ReLU layers, the first with ``stem_stride``, the others
+    stride 2, then one stride-1 conv. Defaults: 64 px in, stride 8 -> an 8x8 grid of 256-d cells.
+    The CPU configs use ``channels: [16, 32, 64], stem_stride: 2`` (also 8x8, ~20x fewer FLOPs).
+    """
+
+    def __init__(self, embed_dim: int, input_size: int = 64, channels: tuple[int, ...] = (32, 64, 128, 256),
+                 stem_stride: int = 1) -> None:
+        super().__init__(embed_dim, input_size)
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, c in enumerate(channels):
+            stride = stem_stride if i == 0 else 2
+            layers += [nn.Conv2d(c_in, c, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            c_in = c
+        layers += [nn.Conv2d(c_in, c_in, 3, padding=1, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)]
+        self.backbone = nn.Sequential(*layers)
+        self._init_heads(c_in)
+
+
+class TimmImageEncoder(ImageEncoder):
+    """Any timm model's last feature map as grid features (CNN maps or ViT patch tokens).
+
+    Weights: ``pretrained=True`` uses timm's pretrained weights (needs the Hugging Face hub or a
+    populated cache), ``weights_path`` loads a local safetensors/torch file into the backbone.
+    Resize and normalisation use the model's pretrained config (input size, mean, std) unless
+    ``input_size`` is given.
+    """
+
+    def __init__(self, model_name: str, embed_dim: int, pretrained: bool = False,
+                 weights_path: str | None = None, input_size: int | None = None) -> None:
+        import timm
+
+        if not timm.is_model(model_name):
+            from rcit_bench.utils import did_you_mean
+
+            raise ValueError(
+                f"Argument `image_encoder`: unknown timm model {model_name!r}."
+                f"{did_you_mean(model_name, timm.list_models())} See timm.list_models()."
+            )
+        try:
+            backbone = timm.create_model(model_name, pretrained=pretrained and weights_path is None,
+                                         num_classes=0, global_pool="")
+        except Exception as err:  # network / hub errors differ across versions
+            if not pretrained:
+                raise
+            raise RuntimeError(
+                f"Could not fetch pretrained weights for timm model {model_name!r} ({type(err).__name__}: {err}). "
+                f"Offline, download the weights once elsewhere and pass them as a local file: "
+                f"image_encoder: {{name: 'timm:{model_name}', weights_path: '<file.safetensors or .pth>'}} "
+                f"(or set pretrained: false to train from scratch)."
+            ) from err
+        cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+        size = input_size or (cfg.get("input_size", (3, 224, 224))[-1])
+        super().__init__(embed_dim, size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+        self.model_name = model_name
+        self.backbone = backbone
+        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
+        if weights_path is not None:
+            self.load_backbone_weights(weights_path)
+        self._init_heads(backbone.num_features)
+
+    def load_backbone_weights(self, weights_path: str | Path) -> None:
+        """Load a local weights file into the backbone; classifier-head keys are ignored."""
+        state = load_state_dict_file(weights_path)
+        result = self.backbone.load_state_dict(state, strict=False)
+        if result.missing_keys:
+            raise ValueError(
+                f"Weights file {str(weights_path)!r} does not match timm model {self.model_name!r}: "
+                f"{len(result.missing_keys)} missing keys, e.g. {result.missing_keys[:5]}."
+            )
+        if result.unexpected_keys:
+            log.info("ignored %d keys from %s (e.g. %s)", len(result.unexpected_keys), weights_path,
+                     result.unexpected_keys[:3])
+
+    def features(self, x: Tensor) -> Tensor:
+        out = self.backbone.forward_features(x)
+        if out.ndim == 3 and self.num_prefix_tokens:
+            out = out[:, self.num_prefix_tokens:]  # drop class / register tokens: (B, N_patches, C)
+        return out
+
+
+class PrecomputedImageEncoder(nn.Module):
+    """Region features given as input (e.g. bottom-up-attention 36 x 2048), projected to ``embed_dim``.
+
+    Clean-only: the inputs are features, not pixels, so image corruptions cannot be applied to them;
+    the runner must not schedule corrupted cells for a method that uses this encoder.
+    Input: ``features`` (B, R, F) passed where images would be.
+    """
+
+    accepts_pixels = False
+
+    def __init__(self, embed_dim: int, feat_dim: int = 2048) -> None:
+        super().__init__()
+        self.embed_dim = int(embed_dim)
+        self.feat_dim = int(feat_dim)
+        self.input_size = None
+        self.backbone = nn.Identity()
+        self.proj_local = nn.Linear(feat_dim, embed_dim)
+        self.proj_global = nn.Linear(feat_dim, embed_dim)
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        if features.ndim != 3 or features.shape[-1] != self.feat_dim:
+            raise ValueError(
+                f"'precomputed' image encoder expects region features (B, R, {self.feat_dim}), "
+                f"got {tuple(features.shape)}."
+            )
+        features = features.float()
+        return {"global": self.proj_global(features.mean(dim=1)), "local": self.proj_local(features)}
+
+
+@register_image_encoder("small_cnn")
+def _build_small_cnn(spec: str | None, embed_dim: int, input_size: int = 64,
+                     channels: tuple[int, ...] | list[int] = (32, 64, 128, 256), stem_stride: int = 1) -> SmallCNN:
+    return SmallCNN(embed_dim, input_size=input_size, channels=tuple(channels), stem_stride=stem_stride)
+
+
+@register_image_encoder("timm")
+def _build_timm(spec: str | None, embed_dim: int, pretrained: bool = False, weights_path: str | None = None,
+                input_size: int | None = None) -> TimmImageEncoder:
+    if not spec:
+        raise ValueError("Argument `image_encoder`: write 'timm:<model name>', e.g. 'timm:resnet152'.")
+    return TimmImageEncoder(spec, embed_dim, pretrained=pretrained, weights_path=weights_path, input_size=input_size)
+
+
+@register_image_encoder("precomputed")
+def _build_precomputed(spec: str | None, embed_dim: int, feat_dim: int = 2048) -> PrecomputedImageEncoder:
+    return PrecomputedImageEncoder(embed_dim, feat_dim=feat_dim)
+
+
+# =============================================================================================== text
+class RNNTextEncoder(nn.Module):
+    """Word embeddings -> (Bi)GRU over packed sequences.
+
+    ``gru`` (VSE++): the sentence vector is the output at the last valid token.
+    ``bigru`` (SCAN / VSE-infinity): word features average the two directions; the sentence vector
+    is the mean of the valid word features.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, word_dim: int = 300, num_layers: int = 1,
+                 bidirectional: bool = False, pad_id: int = 0) -> None:
+        super().__init__()
+        if vocab_size is None or int(vocab_size) <= 0:
+            raise ValueError(f"Argument `vocab_size` must be a positive int for a GRU text encoder, got {vocab_size!r}.")
+        self.embed_dim = int(embed_dim)
+        self.bidirectional = bool(bidirectional)
+        self.embed = nn.Embedding(int(vocab_size), word_dim, padding_idx=pad_id)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.embed.weight[pad_id].zero_()
+        self.rnn = nn.GRU(word_dim, embed_dim, num_layers=num_layers, batch_first=True, bidirectional=bidirectional)
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> dict[str, Tensor]:
+        # tokens (B, L), lengths (B,)
+        b, max_len = tokens.shape
+        lengths = lengths.clamp(min=1, max=max_len)
+        packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        words, _ = pad_packed_sequence(out, batch_first=True, total_length=max_len)  # (B, L, D or 2D)
+        if self.bidirectional:
+            d = self.embed_dim
+            words = (words[..., :d] + words[..., d:]) / 2
+            mask = lengths_to_mask(lengths, max_len).unsqueeze(-1).to(words.dtype)
+            sent = (words * mask).sum(1) / lengths[:, None].to(words.dtype)
+        else:
+            sent = words[torch.arange(b, device=words.device), lengths - 1]
+        return {"global": sent, "words": words, "lengths": lengths}
+
+
+class TransformerTextEncoder(nn.Module):
+    """A Hugging Face encoder (local files only), mean-pooled over valid tokens and projected.
+
+    Token ids must come from the matching tokenizer (``rcit_bench.data.vocab.HFTokenizer``); the
+    attention mask is built from ``lengths``.
+    """
+
+    def __init__(self, name_or_path: str, embed_dim: int, local_files_only: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        try:
+            self.model = AutoModel.from_pretrained(name_or_path, local_files_only=local_files_only)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"Argument `text_encoder`: could not load transformer {name_or_path!r} from local files "
+                f"({err}). Pass a directory saved with `save_pretrained` or a model already in the "
+                f"Hugging Face cache."
+            ) from err
+        self.name_or_path = name_or_path
+        self.embed_dim = int(embed_dim)
+        self.proj = nn.Linear(self.model.config.hidden_size, embed_dim)
+        self.backbone = self.model
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> dict[str, Tensor]:
+        mask = lengths_to_mask(lengths, tokens.shape[1])  # (B, L)
+        hidden = self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state  # (B, L, H)
+        words = self.proj(hidden) * mask.unsqueeze(-1)
+        sent = words.sum(1) / lengths.clamp(min=1)[:, None].to(words.dtype)
+        return {"global": sent, "words": words, "lengths": lengths}
+
+
+@register_text_encoder("gru")
+def _build_gru(spec: str | None, embed_dim: int, vocab_size: int | None = None, word_dim: int = 300,
+               num_layers: int = 1, pad_id: int = 0) -> RNNTextEncoder:
+    return RNNTextEncoder(vocab_size, embed_dim, word_dim, num_layers, bidirectional=False, pad_id=pad_id)
+
+
+@register_text_encoder("bigru")
+def _build_bigru(spec: str | None, embed_dim: int, vocab_size: int | None = None, word_dim: int = 300,
+                 num_layers: int = 1, pad_id: int = 0) -> RNNTextEncoder:
+    return RNNTextEncoder(vocab_size, embed_dim, word_dim, num_layers, bidirectional=True, pad_id=pad_id)
+
+
+@register_text_encoder("transformer")
+def _build_transformer(spec: str | None, embed_dim: int, vocab_size: int | None = None,
+                       local_files_only: bool = True, **_: Any) -> TransformerTextEncoder:
+    if not spec:
+        raise ValueError("Argument `text_encoder`: write 'transformer:<local path or hub name>'.")
+    return TransformerTextEncoder(spec, embed_dim, local_files_only=local_files_only)

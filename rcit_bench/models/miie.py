@@ -1,0 +1,87 @@
+"""MIIE: Liu, Zhao, Wei, Zheng, Yang, "Modality-Invariant Image-Text Embedding for Image-Sentence
+Matching", ACM TOMM 2019.
+
+The VSE triplet baseline plus a modality classifier (an MLP on the l2-normalised joint embedding)
+that tells image embeddings (label 1) from text embeddings (label 0). The encoders are trained to
+fool it through a gradient reversal layer whose strength follows ``lambda = 2 / (1 + exp(-10 p)) - 1``
+over the adversarial part of training (p in [0, 1]). Three stages by epoch:
+
+1. ``warmup_stage_epochs``: triplet only;
+2. ``adversarial_stage_epochs``: classifier + reversed encoders (``adv_weight``), with the triplet
+   kept at ``adversarial_triplet_weight`` so the embedding does not drift;
+3. the remaining epochs: joint fine-tuning, triplet + ``joint_adv_weight`` (smaller) adversarial.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rcit_bench.models.base import RetrievalModule
+from rcit_bench.models.registry import register_method
+from rcit_bench.models.vsepp import TINY as _VSEPP_TINY
+
+__all__ = ["MIIE"]
+
+TINY = dict(_VSEPP_TINY, warmup_stage_epochs=0, adversarial_stage_epochs=1, classifier_hidden=32)
+STAGES = ("warmup", "adversarial", "joint")
+
+
+@register_method("miie", tiny_config=TINY)
+class MIIE(RetrievalModule):
+    """Triplet + modality-adversarial training in three stages."""
+
+    def __init__(self, warmup_stage_epochs: int = 1, adversarial_stage_epochs: int = 1, adv_weight: float = 1.0,
+                 joint_adv_weight: float = 0.1, adversarial_triplet_weight: float = 1.0,
+                 classifier_hidden: int = 512, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        d = int(self.hparams.embed_dim)
+        self.modality_classifier = nn.Sequential(
+            nn.Linear(d, classifier_hidden), nn.ReLU(inplace=True), nn.Linear(classifier_hidden, 1)
+        )
+
+    def stage(self, epoch: int | None = None) -> str:
+        """'warmup', 'adversarial' or 'joint' for `epoch` (default: the current epoch)."""
+        epoch = self.current_epoch if epoch is None else int(epoch)
+        w, a = int(self.hparams.warmup_stage_epochs), int(self.hparams.adversarial_stage_epochs)
+        return STAGES[0] if epoch < w else STAGES[1] if epoch < w + a else STAGES[2]
+
+    def adversarial_progress(self) -> float:
+        """Progress p in [0, 1] through the adversarial stages (1 without a trainer, i.e. full strength)."""
+        trainer = self._trainer
+        if trainer is None:
+            return 1.0
+        steps = trainer.num_training_batches
+        max_epochs = trainer.max_epochs or 1
+        w = int(self.hparams.warmup_stage_epochs)
+        if not steps or steps == float("inf") or max_epochs <= w:
+            return 1.0
+        done = self.global_step - w * steps
+        return float(min(1.0, max(0.0, done / ((max_epochs - w) * steps))))
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor | float]]:
+        from rcit_bench.models.losses import grad_reverse, grl_lambda, modality_adversarial_loss
+
+        img = self.encode_image(batch["images"])
+        txt = self.encode_text(batch["tokens"], batch["lengths"])
+        triplet = self.triplet(self.similarity(img, txt))
+        stage = self.stage()
+        feats_img = nn.functional.normalize(img["global"], dim=-1)  # (B, D) joint space
+        feats_txt = nn.functional.normalize(txt["global"], dim=-1)
+        lambd = grl_lambda(self.adversarial_progress()) if stage != "warmup" else 0.0
+        logits_img = self.modality_classifier(grad_reverse(feats_img, lambd)).squeeze(-1)  # (B,)
+        logits_txt = self.modality_classifier(grad_reverse(feats_txt, lambd)).squeeze(-1)
+        adv, acc = modality_adversarial_loss(logits_img, logits_txt)
+        hp = self.hparams
+        if stage == "warmup":
+            # the classifier still learns (lambda = 0 stops its gradient reaching the encoders)
+            loss = triplet + adv
+        elif stage == "adversarial":
+            loss = hp.adversarial_triplet_weight * triplet + hp.adv_weight * adv
+        else:
+            loss = triplet + hp.joint_adv_weight * adv
+        logs = {"triplet": triplet.detach(), "adversarial": adv.detach(), "modality_acc": torch.as_tensor(acc).float(),
+                "grl_lambda": float(lambd), "stage": float(STAGES.index(stage))}
+        return loss, logs

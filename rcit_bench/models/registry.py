@@ -1,0 +1,257 @@
+"""Name -> builder registries for methods, image encoders and text encoders, plus method config loading.
+
+Why: the benchmark spec, the CLI and the tests refer to methods and encoders by name only; one registry
+per kind gives a single place that lists what exists and fails with the valid names (and a "did you
+mean") instead of a bare KeyError. Method modules register themselves with :func:`register_method`; the
+built-in ones are imported lazily on first lookup so that importing the registry stays cheap and no
+import cycle arises (methods import the registry, not the reverse).
+
+Encoder names may carry an argument after a colon, ``"timm:resnet152"`` or
+``"transformer:path/to/model"``: the part before the colon selects the registered family, the rest is
+passed to its builder as ``spec``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import yaml
+
+from rcit_bench.utils import did_you_mean
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Modules that register the built-in methods; imported on first lookup. A module that does not exist
+# yet (another engineer's method still being written) is skipped; any other import error propagates.
+_BUILTIN_METHOD_MODULES = (
+    "rcit_bench.models.vsepp",
+    "rcit_bench.models.rcit",
+    "rcit_bench.models.miie",
+    "rcit_bench.models.matchmap",
+    "rcit_bench.models.vsrpp",
+)
+_BUILTIN_ENCODER_MODULES = ("rcit_bench.models.encoders",)
+
+_METHODS: dict[str, type] = {}
+_TINY_CONFIGS: dict[str, dict[str, Any]] = {}
+_IMAGE_ENCODERS: dict[str, Callable[..., Any]] = {}
+_TEXT_ENCODERS: dict[str, Callable[..., Any]] = {}
+_loaded_methods = False
+_loaded_encoders = False
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _import_optional(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:  # a dependency of the module is missing: that is a real error
+            raise
+        log.debug("method module %s not present; skipping", module)
+
+
+def _ensure_methods() -> None:
+    global _loaded_methods
+    if not _loaded_methods:
+        _loaded_methods = True
+        for module in _BUILTIN_METHOD_MODULES:
+            _import_optional(module)
+
+
+def _ensure_encoders() -> None:
+    global _loaded_encoders
+    if not _loaded_encoders:
+        _loaded_encoders = True
+        for module in _BUILTIN_ENCODER_MODULES:
+            importlib.import_module(module)
+
+
+def _unknown(kind: str, arg: str, name: str, choices: list[str], hint: str = "") -> ValueError:
+    listed = ", ".join(f"'{c}'" for c in choices) or "(none registered)"
+    return ValueError(
+        f"Unknown {kind} {name!r} for argument `{arg}`; registered: {listed}.{did_you_mean(name, choices)}{hint}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- methods
+def register_method(name: str, *, tiny_config: dict[str, Any] | None = None) -> Callable[[type[T]], type[T]]:
+    """Class decorator registering a :class:`RetrievalModule` subclass under `name`.
+
+    `tiny_config` is a small constructor config (CPU, a few seconds) used by the registry-parametrised
+    test; it is exposed as ``TINY_CONFIGS[name]``.
+    """
+
+    def deco(cls: type[T]) -> type[T]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"Method {name!r} is already registered by {_METHODS[name].__qualname__}.")
+        _METHODS[name] = cls
+        cls.method_name = name  # type: ignore[attr-defined]
+        if tiny_config is not None:
+            _TINY_CONFIGS[name] = dict(tiny_config)
+        return cls
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    """Sorted names of all registered methods (built-ins are imported first)."""
+    _ensure_methods()
+    return sorted(_METHODS)
+
+
+def get_method_class(name: str) -> type:
+    """The registered class for `name`; ValueError listing the registered names otherwise."""
+    _ensure_methods()
+    if name not in _METHODS:
+        raise _unknown("method", "method", name, sorted(_METHODS))
+    return _METHODS[name]
+
+
+def build_method(name: str, **config: Any) -> Any:
+    """Instantiate method `name`.
+
+    `config` is either flat constructor kwargs (``embed_dim=..., lr=...``) or a method config with
+    ``model`` / ``optim`` sections (as returned by :func:`load_method_config`); sections are flattened,
+    ``data`` is recorded as ``data_config`` hyper-parameter for provenance; ``trainer``, ``method``,
+    ``description`` are ignored here (the runner uses them).
+    """
+    cls = get_method_class(name)
+    return cls(**flatten_method_config(config))
+
+
+def flatten_method_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Turn ``{method, model: {...}, optim: {...}, trainer, data}`` into constructor kwargs."""
+    config = dict(config)
+    flat: dict[str, Any] = {}
+    for section in ("model", "optim"):
+        sub = config.pop(section, None)
+        if sub is not None:
+            if not isinstance(sub, dict):
+                raise ValueError(f"Config section `{section}` must be a mapping, but got {type(sub).__name__}.")
+            flat.update(sub)
+    data = config.pop("data", None)
+    config.pop("trainer", None)
+    config.pop("method", None)
+    config.pop("description", None)
+    flat.update(config)  # explicit flat kwargs override the sections
+    if data is not None and "data_config" not in flat:
+        flat["data_config"] = data
+    return flat
+
+
+def __getattr__(attr: str) -> Any:
+    # TINY_CONFIGS is resolved lazily so that methods registered in other modules are included.
+    if attr == "TINY_CONFIGS":
+        _ensure_methods()
+        return _TINY_CONFIGS
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def tiny_config(name: str) -> dict[str, Any]:
+    """A deep copy of the tiny test config of method `name`."""
+    _ensure_methods()
+    if name not in _TINY_CONFIGS:
+        raise _unknown("tiny config", "name", name, sorted(_TINY_CONFIGS))
+    return copy.deepcopy(_TINY_CONFIGS[name])
+
+
+# --------------------------------------------------------------------------------------------- configs
+def list_method_configs() -> list[str]:
+    """Names of the packaged default configs (``rcit_bench/configs/<name>.yaml``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_method_config(name_or_path: str | Path) -> dict[str, Any]:
+    """Load a method config: a packaged name (``'vsepp'``, ``'paper/vsepp_coco'``) or a YAML file path.
+
+    Returns ``{method, model: {...}, optim: {...}, trainer: {...}, data: {...}}`` with missing
+    sections filled with empty dicts.
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if not (text.endswith((".yaml", ".yml")) or path.exists()):
+        path = CONFIG_DIR / f"{text}.yaml"
+        if not path.exists():
+            choices = list_method_configs() + [f"paper/{p.stem}" for p in (CONFIG_DIR / "paper").glob("*.yaml")]
+            raise _unknown("method config", "name_or_path", text, sorted(choices))
+    if not path.exists():
+        raise FileNotFoundError(f"Method config file {str(path)!r} (argument `name_or_path`) does not exist.")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(cfg, dict) or "method" not in cfg:
+        raise ValueError(f"Method config {str(path)!r} must be a mapping with a `method` key.")
+    allowed = {"method", "model", "optim", "trainer", "data", "description"}
+    extra = sorted(set(cfg) - allowed)
+    if extra:
+        raise ValueError(
+            f"Method config {str(path)!r} has unknown top-level keys {extra}; allowed: {sorted(allowed)}."
+        )
+    for section in ("model", "optim", "trainer", "data"):
+        cfg.setdefault(section, {})
+        if cfg[section] is None:
+            cfg[section] = {}
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- encoders
+def register_image_encoder(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register an image encoder builder ``fn(spec: str | None, embed_dim: int, **kw) -> ImageEncoder``."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _IMAGE_ENCODERS[name] = fn
+        return fn
+
+    return deco
+
+
+def register_text_encoder(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a text encoder builder ``fn(spec: str | None, embed_dim: int, **kw) -> TextEncoder``."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _TEXT_ENCODERS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_image_encoders() -> list[str]:
+    """Registered image encoder families (``timm`` takes ``timm:<model name>``)."""
+    _ensure_encoders()
+    return sorted(_IMAGE_ENCODERS)
+
+
+def list_text_encoders() -> list[str]:
+    """Registered text encoder families (``transformer`` takes ``transformer:<path or name>``)."""
+    _ensure_encoders()
+    return sorted(_TEXT_ENCODERS)
+
+
+def _split_name(name: str) -> tuple[str, str | None]:
+    family, sep, spec = str(name).partition(":")
+    return family, (spec if sep else None)
+
+
+def build_image_encoder(name: str, **kwargs: Any) -> Any:
+    """Build image encoder `name` (e.g. ``'small_cnn'``, ``'timm:resnet152'``, ``'precomputed'``)."""
+    _ensure_encoders()
+    family, spec = _split_name(name)
+    if family not in _IMAGE_ENCODERS:
+        raise _unknown("image encoder", "image_encoder", name, sorted(_IMAGE_ENCODERS),
+                       " Use 'timm:<timm model name>' for any timm backbone.")
+    return _IMAGE_ENCODERS[family](spec, **kwargs)
+
+
+def build_text_encoder(name: str, **kwargs: Any) -> Any:
+    """Build text encoder `name` (``'gru'``, ``'bigru'``, ``'transformer:<local path>'``)."""
+    _ensure_encoders()
+    family, spec = _split_name(name)
+    if family not in _TEXT_ENCODERS:
+        raise _unknown("text encoder", "text_encoder", name, sorted(_TEXT_ENCODERS),
+                       " Use 'transformer:<local path or hub name>' for a Hugging Face model.")
+    return _TEXT_ENCODERS[family](spec, **kwargs)

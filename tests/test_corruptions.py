@@ -1,0 +1,265 @@
+"""Tests for rcit_bench.data.corruptions: ranges, constants, determinism, rate mode, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rcit_bench.data.corruptions import (
+    CORRUPTION_FAMILIES,
+    HELD_OUT_CORRUPTIONS,
+    IMAGENET_C_CORRUPTIONS,
+    RATE_CORRUPTIONS,
+    corrupt,
+    corruption_grid,
+    list_corruptions,
+)
+
+SEVERITY_NAMES = list(IMAGENET_C_CORRUPTIONS) + list(HELD_OUT_CORRUPTIONS)
+
+
+def _kwargs(name: str) -> dict:
+    return {"rate": 0.3} if name in RATE_CORRUPTIONS else {"severity": 3}
+
+
+@pytest.fixture(scope="module")
+def photo() -> torch.Tensor:
+    """skimage's astronaut, area-resized to 48 x 48: (1, 3, 48, 48) in [0, 1]."""
+    from skimage import data
+
+    img = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float() / 255
+    return F.interpolate(img[None], size=(48, 48), mode="area").clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def batch(photo: torch.Tensor) -> torch.Tensor:
+    """4 different images (2 crops of a photo, 2 random): (4, 3, 32, 32)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.cat(
+        [photo[:, :, :32, :32], photo[:, :, 16:, 16:], torch.rand(2, 3, 32, 32, generator=g)]
+    )
+
+
+def test_names_and_families() -> None:
+    names = list_corruptions()
+    assert len(IMAGENET_C_CORRUPTIONS) == 15 and len(HELD_OUT_CORRUPTIONS) == 4
+    assert set(HELD_OUT_CORRUPTIONS) == {"speckle_noise", "gaussian_blur", "spatter", "saturate"}
+    assert names[-2:] == ["speckle", "salt_pepper"] and len(names) == 21 == len(set(names))
+    assert set(CORRUPTION_FAMILIES) == set(names)
+    assert set(CORRUPTION_FAMILIES.values()) == {"noise", "blur", "weather", "digital"}
+
+
+@pytest.mark.parametrize("name", SEVERITY_NAMES)
+def test_every_severity_shape_dtype_range(name: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    for s in range(1, 6):
+        y = corrupt(x, name, severity=s, image_ids=[0, 1])
+        assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+        assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
+    # float64 in, float64 out
+    assert corrupt(x.double(), name, severity=5, image_ids=[0, 1]).dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", list_corruptions())
+def test_determinism_independent_of_batch(name: str, batch: torch.Tensor) -> None:
+    ids = [10, 11, 12, 13]
+    full = corrupt(batch, name, seed=3, image_ids=ids, **_kwargs(name))
+    perm = [2, 0, 3, 1]
+    permuted = corrupt(batch[perm], name, seed=3, image_ids=[ids[i] for i in perm], **_kwargs(name))
+    assert torch.equal(permuted, full[perm])
+    sub = corrupt(batch[1:3], name, seed=3, image_ids=ids[1:3], **_kwargs(name))
+    assert torch.equal(sub, full[1:3])
+    # default ids hash the pixels: also independent of batch composition
+    assert torch.equal(corrupt(batch[2:], name, **_kwargs(name)), corrupt(batch, name, **_kwargs(name))[2:])
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur",
+                                  "snow", "frost", "fog", "spatter", "elastic_transform", "speckle", "salt_pepper"])
+def test_different_seed_different_result(name: str, batch: torch.Tensor) -> None:
+    a = corrupt(batch, name, seed=0, image_ids=[0, 1, 2, 3], **_kwargs(name))
+    b = corrupt(batch, name, seed=1, image_ids=[0, 1, 2, 3], **_kwargs(name))
+    c = corrupt(batch, name, seed=0, image_ids=[5, 1, 2, 3], **_kwargs(name))
+    assert not torch.equal(a, b)
+    assert not torch.equal(a[0], c[0]) and torch.equal(a[1:], c[1:])
+
+
+def test_gaussian_noise_std_matches_constant() -> None:
+    x = torch.full((2, 3, 64, 64), 0.5)
+    for s, sigma in [(1, 0.08), (3, 0.18)]:
+        y = corrupt(x, "gaussian_noise", severity=s, image_ids=[0, 1])
+        assert abs((y - x).std().item() - sigma) < 0.1 * sigma  # clipping is negligible at these sigmas
+        assert abs((y - x).mean().item()) < 0.01
+
+
+def test_shot_and_impulse_noise_statistics() -> None:
+    x = torch.full((1, 3, 64, 64), 0.5)
+    y = corrupt(x, "shot_noise", severity=1, image_ids=[0])  # Poisson(30) / 60: std sqrt(30)/60
+    assert abs((y - x).std().item() - 30**0.5 / 60) < 0.1 * 30**0.5 / 60
+    y = corrupt(x, "impulse_noise", severity=4, image_ids=[0])  # a = .17 of the channel values
+    changed = y != x
+    assert abs(changed.float().mean().item() - 0.17) < 0.02
+    assert set(y[changed].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_contrast_matches_formula(photo: torch.Tensor) -> None:
+    for s, c in zip(range(1, 6), (0.4, 0.3, 0.2, 0.1, 0.05)):
+        y = corrupt(photo, "contrast", severity=s)
+        m = photo.mean()
+        torch.testing.assert_close(y, ((photo - m) * c + m).clamp(0, 1))
+
+
+def test_brightness_and_saturate_match_skimage_hsv(photo: torch.Tensor) -> None:
+    from skimage.color import hsv2rgb, rgb2hsv
+
+    img = photo[0].permute(1, 2, 0).double().numpy()
+    hsv = rgb2hsv(img)
+    ref = hsv.copy()
+    ref[..., 2] = np.clip(ref[..., 2] + 0.3, 0, 1)
+    got = corrupt(photo, "brightness", severity=3)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got, np.clip(hsv2rgb(ref), 0, 1), atol=1e-5)
+    ref = hsv.copy()
+    ref[..., 1] = np.clip(ref[..., 1] * 5 + 0.1, 0, 1)
+    got = corrupt(photo, "saturate", severity=4)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got, np.clip(hsv2rgb(ref), 0, 1), atol=1e-5)
+
+
+def test_gaussian_blur_matches_scipy_at_224() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 224, 224, generator=g)
+    y = corrupt(x, "gaussian_blur", severity=1)  # sigma 1 px at 224 px, reflect-101 borders ('mirror')
+    ref = gaussian_filter(x[0, 0].double().numpy(), sigma=1.0, mode="mirror", truncate=4.0)
+    np.testing.assert_allclose(y[0, 0].numpy(), ref, atol=1e-5)
+
+
+def test_blur_and_pixelate_scale_with_size(photo: torch.Tensor) -> None:
+    # pixelate at 448 px: blocks are twice as large as at 224 px (published constants are for 224 px)
+    big = F.interpolate(photo, size=(448, 448), mode="nearest")
+    y = corrupt(big, "pixelate", severity=2)  # c = .5: 112 blocks of 4 px
+    assert torch.equal(y[..., ::4, ::4].repeat_interleave(4, -1).repeat_interleave(4, -2), y)
+    small = corrupt(big[..., ::2, ::2], "pixelate", severity=2)  # 224 px: 2 px blocks, as published
+    assert torch.equal(small[..., ::2, ::2].repeat_interleave(2, -1).repeat_interleave(2, -2), small)
+    assert not torch.equal(small[..., ::4, ::4].repeat_interleave(4, -1).repeat_interleave(4, -2), small)
+
+
+def test_rate_mode_salt_pepper_fraction() -> None:
+    x = torch.full((3, 3, 40, 40), 0.5)
+    for rate in (0.0, 0.1, 0.6, 1.0):
+        y = corrupt(x, "salt_pepper", rate=rate, image_ids=[0, 1, 2])
+        changed = (y != x).any(dim=1)  # (B, H, W)
+        assert changed.sum(dim=(1, 2)).tolist() == [round(rate * 1600)] * 3
+        # same mask and same value in every channel, values are 0 or 1 only
+        assert ((y != x).all(dim=1) == changed).all()
+        assert set(y[:, 0][changed].unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(y[:, 0], y[:, 1]) and torch.equal(y[:, 1], y[:, 2])
+    y = corrupt(x, "salt_pepper", rate=1.0, image_ids=[0, 1, 2])
+    assert 0.45 < (y == 1).float().mean().item() < 0.55
+    assert torch.equal(corrupt(x, "salt_pepper", rate=0.0), x)
+
+
+def test_rate_mode_speckle(photo: torch.Tensor) -> None:
+    x = photo[..., :40, :40].clamp(0.05, 1)
+    y = corrupt(x, "speckle", rate=0.5, image_ids=[0])
+    changed = (y != x).any(dim=1)
+    assert abs(changed.float().mean().item() - 0.5) < 1e-3
+    # speckle is multiplicative: relative change ~ N(0, 0.6) on the picked pixels (clipping aside)
+    rel = ((y - x) / x)[changed.unsqueeze(1).expand_as(x)]
+    unclipped = rel[(rel > -0.9) & (rel < 0.3)]
+    assert unclipped.numel() > 100
+    assert torch.equal(corrupt(x, "speckle", rate=0.0), x)
+    assert ((corrupt(x, "speckle", rate=1.0, image_ids=[0]) != x).any(dim=1)).float().mean() > 0.99
+
+
+def test_grayscale_and_tiny_inputs(photo: torch.Tensor) -> None:
+    gray = photo.mean(dim=1, keepdim=True)
+    tiny = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for name in list_corruptions():
+        y = corrupt(gray, name, **_kwargs(name))
+        assert y.shape == gray.shape and y.min() >= 0 and y.max() <= 1
+        t = corrupt(tiny, name, **_kwargs(name))
+        assert t.shape == tiny.shape and t.min() >= 0 and t.max() <= 1
+    # brightness on gray is plain addition (as in imagecorruptions)
+    torch.testing.assert_close(corrupt(gray, "brightness", severity=2), (gray + 0.2).clamp(0, 1))
+
+
+def test_jpeg_changes_pixels_and_quality_orders(photo: torch.Tensor) -> None:
+    err = [(corrupt(photo, "jpeg_compression", severity=s) - photo).abs().mean().item() for s in (1, 5)]
+    assert 0 < err[0] < err[1]
+
+
+def test_blur_preserves_constant_image() -> None:
+    x = torch.full((1, 3, 32, 32), 0.3)
+    for name in ("gaussian_blur", "defocus_blur", "motion_blur", "zoom_blur", "glass_blur", "pixelate"):
+        torch.testing.assert_close(corrupt(x, name, severity=5), x, atol=1e-5, rtol=0)
+
+
+def test_corruption_grid_shape(photo: torch.Tensor) -> None:
+    img = photo[0, :, :16, :16]
+    grid = corruption_grid(img, severities=(1, 5), padding=2)
+    assert grid.shape == (3, 19 * 16 + 18 * 2, 3 * 16 + 2 * 2)
+    torch.testing.assert_close(grid[:, :16, :16], img)  # top-left tile is the clean image
+    assert grid[:, 16:18].eq(1).all()  # white gutter
+
+
+# ---- errors ----
+
+
+def test_unknown_name_lists_choices_and_suggests() -> None:
+    x = torch.rand(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"Argument `name` must be one of .*'gaussian_noise'.*but got 'gausian_noise'"
+                       r".*Did you mean 'gaussian_noise'\?"):
+        corrupt(x, "gausian_noise", severity=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"severity": 0}, r"`severity` must be an int in 1..5, but got 0"),
+        ({"severity": 6}, r"`severity` must be an int in 1..5, but got 6"),
+        ({"severity": 2.5}, r"`severity` must be an int in 1..5, but got 2.5"),
+        ({}, r"needs `severity`.*severity=None"),
+        ({"severity": 1, "rate": 0.5}, r"exactly one of `severity` or `rate`.*severity=1 and rate=0.5"),
+        ({"rate": 0.5}, r"ImageNet-C corruption: pass `severity` \(1..5\) instead of `rate`.*rate=0.5"),
+    ],
+)
+def test_severity_errors(kwargs: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        corrupt(torch.rand(1, 3, 16, 16), "gaussian_noise", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"rate": -0.1}, r"`rate` must be a number in \[0, 1\], but got -0.1"),
+        ({"rate": 1.5}, r"`rate` must be a number in \[0, 1\], but got 1.5"),
+        ({}, r"needs `rate`.*rate=None"),
+        ({"severity": 3}, r"RCIT noise-rate corruption: pass `rate`.*instead of `severity` \(got severity=3\)"),
+    ],
+)
+def test_rate_errors(kwargs: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        corrupt(torch.rand(1, 3, 16, 16), "salt_pepper", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "images, pattern",
+    [
+        (torch.rand(3, 16, 16), r"shape \(B, 3, H, W\) or \(B, 1, H, W\), but got \(3, 16, 16\)"),
+        (torch.rand(1, 2, 16, 16), r"but got \(1, 2, 16, 16\)"),
+        (torch.randint(0, 255, (1, 3, 16, 16), dtype=torch.uint8), r"float tensor in \[0, 1\].*torch.uint8"),
+        (torch.full((1, 3, 16, 16), 2.0), r"must be in \[0, 1\], but got values in \[2, 2\]"),
+        (torch.rand(1, 3, 7, 16), r"at least 8x8 px, but got 7x16"),
+    ],
+)
+def test_image_errors(images: torch.Tensor, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        corrupt(images, "contrast", severity=1)
+
+
+def test_image_ids_length_error() -> None:
+    with pytest.raises(ValueError, match=r"`image_ids` must have one id per image \(2\), but got 3"):
+        corrupt(torch.rand(2, 3, 16, 16), "contrast", severity=1, image_ids=[1, 2, 3])

@@ -1,0 +1,63 @@
+"""Per-cell result files: atomic write, read back, provenance, done/skip logic."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from rcit_bench.bench import results as R
+
+
+def _record(status: str = "ok", entry_hash: str = "h1", rsum: float = 321.5) -> dict:
+    return R.make_record(
+        spec_name="quick", spec_hash="s" * 64, entry_hash=entry_hash,
+        entry={"id": "vsepp_clean", "method": "vsepp", "regime": "clean", "config": "vsepp"}, seed=1,
+        cell={"id": "ic-fog-s3", "kind": "imagenet_c", "corruption": "fog", "severity": 3, "rate": None,
+              "perturbation": None, "level": None},
+        metrics={"rsum": rsum, "i2t_r1": 40.0}, status=status, reason="" if status == "ok" else "diverged",
+        checkpoint="ck.ckpt", wandb_run_id="abc", wall_time_s=1.5,
+    )
+
+
+def test_cell_path_layout(tmp_path: Path) -> None:
+    p = R.cell_path(tmp_path, "quick", "vsepp_clean", 2, "clean")
+    assert p == tmp_path / "quick" / "vsepp_clean" / "seed2" / "clean.json"
+
+
+def test_write_read_roundtrip_and_provenance(tmp_path: Path) -> None:
+    p = R.cell_path(tmp_path, "quick", "vsepp_clean", 1, "ic-fog-s3")
+    R.write_result(p, _record())
+    raw = json.loads(p.read_text())
+    assert raw["metrics"] == {"rsum": 321.5, "i2t_r1": 40.0}
+    prov = raw["provenance"]
+    from rcit_bench import __version__
+
+    assert prov["suite_version"] == __version__
+    assert prov["git_commit"] == "unknown" or len(prov["git_commit"].split("-")[0]) == 40
+    assert "torch" in prov["packages"] and prov["checkpoint"] == "ck.ckpt" and prov["wandb_run_id"] == "abc"
+    assert [f for f in os.listdir(p.parent) if f.endswith(".tmp")] == []  # no temp file left behind
+    rows = list(R.iter_results(tmp_path, "quick"))
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r.entry, r.seed, r.cell, r.kind, r.corruption, r.severity, r.metrics["rsum"]) == (
+        "vsepp_clean", 1, "ic-fog-s3", "imagenet_c", "fog", 3, 321.5)
+
+
+def test_is_done_ok_failed_stale_and_corrupt(tmp_path: Path) -> None:
+    p = tmp_path / "a.json"
+    assert not R.is_done(p)
+    R.write_result(p, _record("failed"))
+    assert not R.is_done(p)  # failed cells are retried
+    R.write_result(p, _record("ok", entry_hash="h1"))
+    assert R.is_done(p) and R.is_done(p, "h1")
+    assert not R.is_done(p, "h2")  # trained with another config: stale
+    p.write_text("{not json")
+    assert not R.is_done(p) and R.read_result(p) is None
+
+
+def test_bad_status_rejected() -> None:
+    with pytest.raises(ValueError, match=r"Argument `status` must be one of \('ok', 'failed'\), but got 'done'"):
+        _record(status="done")
