@@ -39,7 +39,6 @@ def test_imagefolder_metadata_with_split_column(imagefolder):
     assert load_hf_imagefolder(imagefolder, "val").image_ids == [2]  # 'validation' answers 'val'
 
 
-@pytest.mark.slow  # ~5 s: datasets' builder machinery
 def test_imagefolder_is_the_real_format(imagefolder):
     """The same folder loads with datasets' own imagefolder builder (so ours reads the real format)."""
     import datasets

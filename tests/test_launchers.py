@@ -108,7 +108,6 @@ def test_invalid_spec_fails_before_submission(tmp_path: Path) -> None:
         submit_spec(tmp_path / "missing.yaml", executor_folder=tmp_path / "jobs", cluster="debug")
 
 
-@pytest.mark.slow
 @pytest.mark.integration
 def test_real_smoke_spec_through_local_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The shipped smoke spec, real runner, one local job per entry, then one leaderboard."""

@@ -153,7 +153,6 @@ def test_median_of_even_count_is_floored_mean_of_middle_pair():
     assert m["t2i_meanr"] == 2.0  # floor(10 / 4)
 
 
-@pytest.mark.slow  # importing torchmetrics alone costs ~10 s of CPU; benchmarks/metrics_speed.py also compares
 def test_against_torchmetrics_hit_rate():
     from torchmetrics.retrieval import RetrievalHitRate
 

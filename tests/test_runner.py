@@ -171,7 +171,6 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_smoke_spec_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Real data, training and evaluation on the smoke spec; then a rerun trains and evaluates nothing."""
     monkeypatch.chdir(tmp_path)  # the spec's relative data root lands in tmp_path

@@ -85,7 +85,6 @@ def test_record_reader_spans_blocks(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_offline_run_matches_result_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rcit_bench.bench.runner import run_spec
 
