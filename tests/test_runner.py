@@ -60,6 +60,7 @@ class Fakes:
         monkeypatch.setattr(RN, "build_model", lambda entry, cfg, dm: _Model(entry.id))
         monkeypatch.setattr(RN, "train", fake_train)
         monkeypatch.setattr(RN, "load_weights", lambda model, path: None)
+        monkeypatch.setattr(RN, "_readable_checkpoint", lambda path: True)
         monkeypatch.setattr(RN, "CellEvaluator", FakeEvaluator)
 
 
@@ -207,3 +208,23 @@ def test_smoke_spec_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(RN.CellEvaluator, "__call__", counting_call)
     s2 = RN.run_spec(SMOKE, results_dir="runs", use_wandb=False)
     assert calls == {"train": 0, "eval": 0} and s2.skipped == total and s2.trained == []
+
+
+def test_corrupt_checkpoint_is_set_aside_and_entry_retrained(tmp_path: Path) -> None:
+    """A truncated best checkpoint: the safe loader refuses it, the file is kept as *.corrupt, the entry is
+    trained again, and the finished cells of the other entry are not touched."""
+    spec = load_spec(SMOKE)
+    RN.run_spec(spec, results_dir=tmp_path, use_wandb=False, build_board=False)
+    rd = R.run_dir(tmp_path, spec.name, "rcit", 0)
+    best = Path(json.loads((rd / "state.json").read_text())["best_checkpoint"])
+    best.write_bytes(best.read_bytes()[:100])  # truncated
+    for cell in spec.cells(spec.entry("rcit")):
+        R.cell_path(tmp_path, spec.name, "rcit", 0, cell.id).unlink()
+    other = R.cell_path(tmp_path, spec.name, "vsepp_clean", 0, "clean")
+    before = other.read_bytes()
+    s = RN.run_spec(spec, results_dir=tmp_path, use_wandb=False, build_board=False)
+    assert s.trained == ["rcit/seed0"] and s.failed == 0
+    assert (best.parent / (best.name + ".corrupt")).is_file()
+    assert other.read_bytes() == before
+    with pytest.raises(RN.CheckpointError, match=r"best\.ckpt\.corrupt.*cannot be loaded safely.*--force"):
+        RN.load_weights(None, str(best.parent / (best.name + ".corrupt")))

@@ -195,19 +195,48 @@ def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], 
     dm._log_hyperparams = False
     trainer = L.Trainer(default_root_dir=str(rd), callbacks=[ckpt], logger=wb.lightning_logger() or False, **kw)
     last = ckpt_dir / "last.ckpt"
-    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
-    best = ckpt.best_model_path or (str(last) if last.is_file() else "")
+    resume = str(last) if last.is_file() and _readable_checkpoint(last) else None
+    trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
+    best = ckpt.best_model_path if ckpt.best_model_path and Path(ckpt.best_model_path).is_file() else ""
+    best = best or (str(last) if last.is_file() else "")
     if not best:
         raise RuntimeError(f"Training of {rd} produced no checkpoint (is max_epochs 0?).")
     return best
 
 
-def load_weights(model: Any, path: str) -> None:
-    """Load a Lightning checkpoint's state dict into an already built model (no hparams unpickling)."""
+def _readable_checkpoint(path: Path) -> bool:
+    """True when `path` loads with the safe loader; a corrupt file is renamed to ``*.corrupt`` (kept for
+    inspection, never deleted) with a message, so training restarts instead of failing on every rerun."""
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception as err:  # truncated zip, pickle error, foreign file: all mean "cannot resume from it"
+        aside = path.with_name(path.name + ".corrupt")
+        path.replace(aside)
+        log.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and training this entry again. "
+                    "Delete the .corrupt file once you no longer need it.", path, type(err).__name__, err, aside)
+        return False
+
+
+def load_weights(model: Any, path: str) -> None:
+    """Load a Lightning checkpoint's state dict into an already built model with the safe loader
+    (``weights_only=True``: tensors and plain containers only, no pickled code)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"Checkpoint {path} cannot be loaded safely ({type(err).__name__}: {err}). It is corrupt or not a "
+            "rcit-bench checkpoint: delete it (or rerun with --force) to train this entry again."
+        ) from err
     model.load_state_dict(state["state_dict"])
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded with the safe loader."""
 
 
 class CellEvaluator:
@@ -372,6 +401,8 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
         dm = make_datamodule(dkw)
         model = build_model(entry, cfg, dm)
         best = state.get("best_checkpoint") if state.get("trained") else None
+        if best and Path(best).is_file() and not _readable_checkpoint(Path(best)):
+            best = None  # set aside as *.corrupt; train() resumes from last.ckpt or starts over
         if not best or not Path(best).is_file():
             log.info("%s: training %s (%s regime)", where, entry.method, entry.regime)
             summary.trained.append(where)
