@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # FileNotFoundError, a full disk: the message says what to do
         sys.stderr.write(f"rcit-bench {args.command}: error: {err}\n")
         return 2
 

@@ -61,3 +61,30 @@ def test_is_done_ok_failed_stale_and_corrupt(tmp_path: Path) -> None:
 def test_bad_status_rejected() -> None:
     with pytest.raises(ValueError, match=r"Argument `status` must be one of \('ok', 'failed'\), but got 'done'"):
         _record(status="done")
+
+
+def test_full_disk_names_file_keeps_old_result(tmp_path, monkeypatch) -> None:
+    """A simulated ENOSPC: the error names the file and the fix, and the finished file stays whole."""
+    import errno
+    import os
+
+    import pytest
+
+    from rcit_bench.bench import results as R
+
+    path = tmp_path / "clean.json"
+    rec = R.make_record(spec_name="s", spec_hash="h", entry_hash="e", entry={"id": "a"}, seed=0,
+                        cell={"id": "clean", "kind": "clean"}, metrics={"rsum": 1.0})
+    R.write_result(path, rec)
+    before = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)  # where a full disk surfaces for buffered writes
+    with pytest.raises(OSError, match=r"clean\.json.*No space left on device.*rerun the same command") as info:
+        R.write_result(path, {**rec, "metrics": {"rsum": 2.0}})
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.json"]  # no temp file left

@@ -105,7 +105,12 @@ def make_record(*, spec_name: str, spec_hash: str, entry_hash: str, entry: dict[
 def write_result(path: str | Path, record: dict[str, Any]) -> Path:
     """Write one record atomically (readers never see a half-written file)."""
     path = Path(path)
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    try:
+        atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    except OSError as err:  # full disk, quota, read-only mount: say where and what to do
+        raise OSError(err.errno, f"Could not write result file {path} ({err.strerror or err}). Free space or fix "
+                      "permissions there, then rerun the same command: finished cells are kept and skipped, and no "
+                      "half-written file was left behind.") from err
     return path
 
 
