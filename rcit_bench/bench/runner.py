@@ -156,6 +156,12 @@ def build_model(entry: Entry, cfg: dict[str, Any], dm: Any) -> Any:
     return build_method(entry.method, **model_cfg)
 
 
+def _seed(seed: int) -> None:
+    import lightning as L
+
+    L.seed_everything(seed, workers=True, verbose=False)
+
+
 def _state_path(rd: Path) -> Path:
     return rd / "state.json"
 
@@ -185,7 +191,7 @@ def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    L.seed_everything(seed, workers=True, verbose=False)
+    _seed(seed)
     ckpt_dir = rd / "checkpoints"
     ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor="val/rsum", mode="max", save_last=True,
                            save_top_k=1, auto_insert_metric_name=False)
@@ -399,6 +405,7 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
     t0 = time.monotonic()
     try:
         dm = make_datamodule(dkw)
+        _seed(seed)  # initial weights from the seed alone, not from what ran before in this process
         model = build_model(entry, cfg, dm)
         best = state.get("best_checkpoint") if state.get("trained") else None
         if best and Path(best).is_file() and not _readable_checkpoint(Path(best)):
