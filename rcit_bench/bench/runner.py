@@ -210,34 +210,41 @@ def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], 
     return best
 
 
-def _readable_checkpoint(path: Path) -> bool:
-    """True when `path` loads with the safe loader; a corrupt file is renamed to ``*.corrupt`` (kept for
-    inspection, never deleted) with a message, so training restarts instead of failing on every rerun."""
+def _load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with the safe loader (``weights_only=True``: tensors and plain containers only, no
+    pickled code); an unreadable file raises :class:`CheckpointError` naming it and the fix."""
     import torch
 
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
-        return True
-    except Exception as err:  # truncated zip, pickle error, foreign file: all mean "cannot resume from it"
-        aside = path.with_name(path.name + ".corrupt")
-        path.replace(aside)
-        log.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and training this entry again. "
-                    "Delete the .corrupt file once you no longer need it.", path, type(err).__name__, err, aside)
-        return False
-
-
-def load_weights(model: Any, path: str) -> None:
-    """Load a Lightning checkpoint's state dict into an already built model with the safe loader
-    (``weights_only=True``: tensors and plain containers only, no pickled code)."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle error, foreign file: all mean "cannot use it"
         raise CheckpointError(
             f"Checkpoint {path} cannot be loaded safely ({type(err).__name__}: {err}). It is corrupt or not a "
             "rcit-bench checkpoint: delete it (or rerun with --force) to train this entry again."
         ) from err
+
+
+def _set_aside(path: Path, err: Exception) -> None:
+    """Rename a corrupt checkpoint to ``*.corrupt`` (kept for inspection, never deleted) so the entry is
+    trained again instead of failing on every rerun."""
+    aside = path.with_name(path.name + ".corrupt")
+    path.replace(aside)
+    log.warning("%s Moved it to %s and training this entry again.", err, aside)
+
+
+def _readable_checkpoint(path: Path) -> bool:
+    """True when Lightning can resume from `path`; a corrupt file is set aside first."""
+    try:
+        _load_checkpoint(path)
+        return True
+    except CheckpointError as err:
+        _set_aside(path, err)
+        return False
+
+
+def load_weights(model: Any, path: str) -> None:
+    """Load a Lightning checkpoint's state dict into an already built model, with the safe loader."""
+    state = _load_checkpoint(path)  # first: a bad file is reported before anything touches the model
     model.load_state_dict(state["state_dict"])
 
 
@@ -408,15 +415,20 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
         _seed(seed)  # initial weights from the seed alone, not from what ran before in this process
         model = build_model(entry, cfg, dm)
         best = state.get("best_checkpoint") if state.get("trained") else None
-        if best and Path(best).is_file() and not _readable_checkpoint(Path(best)):
-            best = None  # set aside as *.corrupt; train() resumes from last.ckpt or starts over
-        if not best or not Path(best).is_file():
+        loaded = False
+        if best and Path(best).is_file():
+            try:
+                load_weights(model, best)
+                loaded = True
+            except CheckpointError as err:  # set aside; train() resumes from last.ckpt or starts over
+                _set_aside(Path(best), err)
+        if not loaded:
             log.info("%s: training %s (%s regime)", where, entry.method, entry.regime)
             summary.trained.append(where)
             best = train(model, dm, rd, seed, tkw, wb)
             state.update(trained=True, best_checkpoint=best)
             _write_state(rd, state)
-        load_weights(model, best)
+            load_weights(model, best)
     except FloatingPointError as err:  # training diverged: record it, keep sweeping
         reason = f"training diverged: {err}"
         log.error("%s: %s", where, reason)
