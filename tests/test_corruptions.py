@@ -107,7 +107,7 @@ def test_shot_and_impulse_noise_statistics() -> None:
 def test_contrast_matches_formula(photo: torch.Tensor) -> None:
     for s, c in zip(range(1, 6), (0.4, 0.3, 0.2, 0.1, 0.05)):
         y = corrupt(photo, "contrast", severity=s)
-        m = photo.mean()
+        m = photo.mean(dim=(2, 3), keepdim=True)  # per channel, as the reference
         torch.testing.assert_close(y, ((photo - m) * c + m).clamp(0, 1))
 
 
@@ -263,3 +263,152 @@ def test_image_errors(images: torch.Tensor, pattern: str) -> None:
 def test_image_ids_length_error() -> None:
     with pytest.raises(ValueError, match=r"`image_ids` must have one id per image \(2\), but got 3"):
         corrupt(torch.rand(2, 3, 16, 16), "contrast", severity=1, image_ids=[1, 2, 3])
+
+
+# ---- fast paths: equal to the slow definitions, deterministic across batch composition ----
+
+
+def test_impulse_noise_salt_and_pepper_balance() -> None:
+    x = torch.full((2, 3, 64, 64), 0.5)
+    y = corrupt(x, "impulse_noise", severity=5, image_ids=[0, 1])  # a = .27
+    salt, pepper = (y == 1).float().mean().item(), (y == 0).float().mean().item()
+    assert abs(salt - 0.135) < 0.01 and abs(pepper - 0.135) < 0.01
+
+
+@pytest.mark.parametrize("c", [60, 12, 3])
+def test_poisson_sampler_matches_poisson(c: int) -> None:
+    from scipy.stats import chisquare, poisson
+
+    from rcit_bench.data.corruptions import _poisson
+
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    for lam in (0.0, 0.02, 1.0, 2.55, c * 0.7, float(c)):
+        y = _poisson(torch.full((2, 40000), lam), c, gens).numpy()
+        assert (y == np.round(y)).all() and y.min() >= 0
+        if lam == 0:
+            assert (y == 0).all()
+            continue
+        ks = np.arange(int(lam + 6 * lam**0.5 + 6))
+        obs = np.array([(y == k).sum() for k in ks])
+        exp = poisson.pmf(ks, lam) * y.size
+        keep = exp > 5
+        assert chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue > 1e-4
+
+
+def test_shot_noise_independent_of_chunking(monkeypatch: pytest.MonkeyPatch, batch: torch.Tensor) -> None:
+    import rcit_bench.data.corruptions as C
+
+    full = corrupt(batch, "shot_noise", severity=1, image_ids=[1, 2, 3, 4])
+    monkeypatch.setattr(C, "_POISSON_CHUNK", 1000)  # chunks now straddle images
+    assert torch.equal(corrupt(batch[2:], "shot_noise", severity=1, image_ids=[3, 4]), full[2:])
+    assert torch.equal(corrupt(batch, "shot_noise", severity=1, image_ids=[1, 2, 3, 4]), full)
+
+
+def test_shift_sum_fft_matches_direct_shifts() -> None:
+    from rcit_bench.data.corruptions import _line_taps, _shift_sum, _tap_bounds
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 30, 41, generator=g)
+    width = 11  # > 7 taps: FFT path
+    w = torch.rand(width, generator=g)
+    for lo, hi in ((-45, 45), (-135, -45), (-180, 180)):
+        angles = torch.rand(3, generator=g, dtype=torch.float64) * (hi - lo) + lo
+        dy, dx = _line_taps(width, angles)
+        b = _tap_bounds(width, lo, hi)
+        assert b[0] <= int(dy.min()) and int(dy.max()) <= b[1] and b[2] <= int(dx.min()) and int(dx.max()) <= b[3]
+        got = _shift_sum(x, w, dy, dx, b)
+        ref = torch.zeros_like(x)
+        for i in range(width):  # out[y, x] += w_i * x[clamp(y - dy), clamp(x - dx)]
+            for n in range(3):
+                rows = (torch.arange(30) - dy[n, i]).clamp(0, 29)
+                cols = (torch.arange(41) - dx[n, i]).clamp(0, 40)
+                ref[n] += w[i] * x[n][:, rows][:, :, cols]
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_fast_len() -> None:
+    from rcit_bench.data.corruptions import _fast_len
+
+    assert [_fast_len(n) for n in (1, 7, 255, 286, 271)] == [1, 8, 256, 288, 288]
+
+
+def test_frost_bank_is_cached_and_deterministic(batch: torch.Tensor) -> None:
+    import rcit_bench.data.corruptions as C
+
+    a = corrupt(batch, "frost", severity=2, image_ids=[0, 1, 2, 3])
+    sizes = set(C._FROST_BANK)
+    bank = C._FROST_BANK[max(sizes)]
+    corrupt(batch, "frost", severity=2, image_ids=[0, 1, 2, 3])
+    assert C._FROST_BANK[max(sizes)] is bank  # reused, not regenerated
+    C._FROST_BANK.clear()  # regenerated from fixed seeds: the same pixels
+    assert torch.equal(corrupt(batch, "frost", severity=2, image_ids=[0, 1, 2, 3]), a)
+    assert bank.shape[:2] == (6, 3) and bank.min() >= 0 and bank.max() <= 1
+
+
+def test_edge_distance_matches_scipy() -> None:
+    from scipy.ndimage import distance_transform_edt
+
+    from rcit_bench.data.corruptions import _edge_distance
+
+    g = torch.Generator().manual_seed(0)
+    for p in (0.0005, 0.01, 0.1):
+        edge = torch.rand(3, 45, 70, generator=g) < p
+        edge[0] = False  # no edge at all: everything at the cap
+        ref = np.stack([np.minimum(distance_transform_edt(~e), 20) if e.any() else np.full(e.shape, 20.0)
+                        for e in edge.numpy()])
+        np.testing.assert_allclose(_edge_distance(edge, 20).numpy(), ref, atol=1e-5)
+
+
+def test_equalize_hist_matches_opencv_definition() -> None:
+    from rcit_bench.data.corruptions import _equalize_hist
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randint(2, 18, (3, 1, 20, 25), generator=g).float()
+    v[2] = 9.0  # a single level is left as is
+    got = _equalize_hist(v, 20)
+    for i in range(3):
+        a = v[i, 0].numpy().astype(int)
+        hist = np.bincount(a.ravel(), minlength=256)
+        lo = int(np.nonzero(hist)[0][0])
+        if hist[lo] == a.size:
+            ref = a.astype(float)
+        else:  # cv2.equalizeHist: lut = round((cdf - hist[lo]) * 255 / (N - hist[lo]))
+            scale = np.float32(255.0) / np.float32(a.size - hist[lo])
+            lut = np.rint((np.cumsum(hist) - hist[lo]).astype(np.float32) * scale)
+            ref = lut[a]
+        np.testing.assert_array_equal(got[i, 0].numpy(), ref)
+
+
+def test_pixelate_matches_pil_box_then_nearest() -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(1, 3, 224, 224, generator=g) * 255).round() / 255
+    for s, c in ((1, 0.6), (3, 0.4)):  # non-integer ratios: 134 and 89 px
+        a = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        n = int(224 * c)
+        small = Image.fromarray(a).resize((n, n), Image.BOX)
+        ref = np.asarray(small.resize((224, 224), Image.NEAREST)).astype(np.float64)
+        got = corrupt(x, "pixelate", severity=s)[0].permute(1, 2, 0).double().numpy() * 255
+        assert np.abs(got - ref).max() <= 1 + 1e-3  # PIL stores the small image in 8 bits (fixed-point weights)
+
+
+def test_jpeg_equals_pil_round_trip(photo: torch.Tensor) -> None:
+    import io
+
+    from PIL import Image
+
+    x = (photo * 255).round() / 255
+    a = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=15)
+    ref = np.asarray(Image.open(buf)).astype(np.float32) / 255
+    got = corrupt(x, "jpeg_compression", severity=3)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_any3x3_is_binary_dilation() -> None:
+    from rcit_bench.data.corruptions import _any3x3
+
+    m = torch.rand(3, 20, 31, generator=torch.Generator().manual_seed(0)) < 0.2
+    assert torch.equal(_any3x3(m), F.max_pool2d(m.float()[:, None], 3, 1, 1)[:, 0] > 0)
