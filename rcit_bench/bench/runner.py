@@ -186,8 +186,66 @@ def _eval_device(trainer_kw: dict[str, Any]) -> Any:
     return torch.device("cpu")
 
 
+def _rng_states() -> dict[str, Any]:
+    """The global RNG states (torch CPU/CUDA, numpy, python) as tensors and plain containers only, so that
+    a checkpoint holding them still loads with ``weights_only=True``."""
+    import random
+
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "internal": list(internal), "gauss": py_gauss},
+    }
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def _rng_checkpoint() -> Any:
+    """A callback that stores the global RNG states in every checkpoint and restores them on resume.
+
+    Lightning checkpoints weights, optimizer, schedulers and loop counters but not the RNG, and the runner
+    seeds afresh before fitting: without this, an epoch resumed after an interruption would draw other
+    dropout masks / random impostors than the uninterrupted run and end with other weights.
+    """
+    from lightning.pytorch.callbacks import Callback
+
+    class RngCheckpoint(Callback):
+        @property
+        def state_key(self) -> str:
+            return "RngCheckpoint"
+
+        def state_dict(self) -> dict[str, Any]:
+            return _rng_states()
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            _set_rng_states(state_dict)
+
+    return RngCheckpoint()
+
+
 def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], wb: WandbRun) -> str:
-    """Fit with Lightning (resuming from ``last.ckpt``); returns the best checkpoint path (val/rsum, max)."""
+    """Fit with Lightning (resuming from ``last.ckpt``, RNG states included); returns the best checkpoint
+    path (val/rsum, max)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -199,7 +257,8 @@ def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], 
     # Model and datamodule both name a `text_encoder` (a network vs a tokenizer); Lightning refuses to merge
     # such hparams for the logger. The datamodule's are recorded in the W&B config by the runner anyway.
     dm._log_hyperparams = False
-    trainer = L.Trainer(default_root_dir=str(rd), callbacks=[ckpt], logger=wb.lightning_logger() or False, **kw)
+    trainer = L.Trainer(default_root_dir=str(rd), callbacks=[ckpt, _rng_checkpoint()],
+                        logger=wb.lightning_logger() or False, **kw)
     last = ckpt_dir / "last.ckpt"
     resume = str(last) if last.is_file() and _readable_checkpoint(last) else None
     trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
