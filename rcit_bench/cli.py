@@ -52,6 +52,31 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.launcher == "submitit":
+        from rcit_bench.bench.launchers import submit_spec
+
+        jobs = submit_spec(
+            args.spec,
+            executor_folder=args.executor_folder or str(Path(args.results_dir) / "submitit" / "%j"),
+            partition=args.partition,
+            gpus_per_job=args.gpus_per_job,
+            cpus_per_job=args.cpus_per_job,
+            mem_gb=args.mem_gb,
+            timeout_min=args.timeout_min,
+            requeue=not args.no_requeue,
+            cluster=args.cluster,
+            results_dir=args.results_dir,
+            use_wandb=not args.no_wandb,
+            force=args.force,
+            only=args.only,
+            array_parallelism=args.array_parallelism,
+            wait=args.wait,
+            leaderboard_dir=args.leaderboard_dir,
+        )
+        sys.stdout.write(f"submitted {len(jobs)} job(s): {' '.join(jobs)}\n")
+        if not args.wait:
+            sys.stdout.write(f"when they are done: rcit-bench leaderboard {args.spec} --results-dir {args.results_dir}\n")
+        return 0
     from rcit_bench.bench.runner import run_spec
 
     run_spec(
@@ -111,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo finished cells and retrain")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases at all")
     p.add_argument("--only", action="append", default=None, help="run only this entry id (repeatable)")
+    g = p.add_argument_group("cluster (--launcher submitit: one SLURM job per entry, a job array)")
+    g.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                   help="local (default): run here; submitit: submit through submitit")
+    g.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+                   help="submitit executor (default: slurm when sbatch exists, else local subprocesses)")
+    g.add_argument("--partition", default=None, help="SLURM partition")
+    g.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per entry job (DDP when > 1)")
+    g.add_argument("--cpus-per-job", type=int, default=None)
+    g.add_argument("--mem-gb", type=int, default=None)
+    g.add_argument("--timeout-min", type=int, default=24 * 60, help="wall time per job (minutes)")
+    g.add_argument("--no-requeue", action="store_true", help="do not requeue preempted / timed-out jobs")
+    g.add_argument("--array-parallelism", type=int, default=None, help="max jobs running at once")
+    g.add_argument("--executor-folder", default=None, help="submitit logs (default: RESULTS_DIR/submitit/%%j)")
+    g.add_argument("--wait", action="store_true", help="wait for all jobs, then build the leaderboard")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("leaderboard", help="rebuild a spec's leaderboard from its result files (no training)")
@@ -143,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for name in ("lightning.pytorch", "lightning.fabric"):  # they print through their own handler already
+        logging.getLogger(name).propagate = False
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # FileNotFoundError, a full disk: the message says what to do

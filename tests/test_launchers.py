@@ -151,3 +151,39 @@ def test_slurm_parameters(tmp_path: Path, spec_file: Path, monkeypatch: pytest.M
         ("gpu", 2, 2, 8, 90)
     assert p["array_parallelism"] == 2
     assert isinstance(seen["fn"], SpecEntryJob) and seen["fn"].results_dir == str(tmp_path / "r")
+
+
+def test_cli_launcher_submitit_passes_options(tmp_path: Path, spec_file: Path, monkeypatch, capsys) -> None:
+    """`rcit-bench bench SPEC --launcher submitit ...` reaches submit_spec with the options it was given."""
+    import rcit_bench.bench.launchers as launchers
+    from rcit_bench.cli import main
+
+    seen: dict = {}
+
+    def fake_submit(spec, **kwargs):
+        seen.update(kwargs, spec=spec)
+        return ["101", "102"]
+
+    monkeypatch.setattr(launchers, "submit_spec", fake_submit)
+    rc = main(["bench", str(spec_file), "--launcher", "submitit", "--partition", "gpu", "--gpus-per-job", "2",
+               "--timeout-min", "90", "--no-requeue", "--results-dir", str(tmp_path / "r"), "--only", "vsepp-a",
+               "--cluster", "local", "--no-wandb"])
+    assert rc == 0
+    assert seen["spec"] == str(spec_file) and seen["partition"] == "gpu" and seen["gpus_per_job"] == 2
+    assert seen["timeout_min"] == 90 and seen["requeue"] is False and seen["cluster"] == "local"
+    assert seen["only"] == ["vsepp-a"] and seen["use_wandb"] is False
+    assert seen["executor_folder"] == str(tmp_path / "r" / "submitit" / "%j")
+    out = capsys.readouterr().out
+    assert "submitted 2 job(s): 101 102" in out and "rcit-bench leaderboard" in out
+
+
+def test_cli_launcher_submitit_runs_local_jobs(tmp_path: Path, spec_file: Path, monkeypatch) -> None:
+    """The CLI path end to end with submitit's in-process executor (the runner replaced by the fake)."""
+    import rcit_bench.bench.runner as runner
+    from rcit_bench.cli import main
+
+    monkeypatch.setattr(runner, "run_spec", fake_run_spec)
+    rc = main(["bench", str(spec_file), "--launcher", "submitit", "--cluster", "debug", "--gpus-per-job", "0",
+               "--results-dir", str(tmp_path / "r"), "--no-wandb"])
+    assert rc == 0
+    assert sorted(p.stem for p in (tmp_path / "r").glob("*.json")) == ENTRIES
