@@ -183,7 +183,8 @@ def test_cli_launcher_submitit_runs_local_jobs(tmp_path: Path, spec_file: Path, 
     from rcit_bench.cli import main
 
     monkeypatch.setattr(runner, "run_spec", fake_run_spec)
+    monkeypatch.chdir(tmp_path)
     rc = main(["bench", str(spec_file), "--launcher", "submitit", "--cluster", "debug", "--gpus-per-job", "0",
-               "--results-dir", str(tmp_path / "r"), "--no-wandb"])
+               "--results-dir", str(tmp_path / "r"), "--leaderboard-dir", str(tmp_path / "board"), "--no-wandb"])
     assert rc == 0
     assert sorted(p.stem for p in (tmp_path / "r").glob("*.json")) == ENTRIES

@@ -27,6 +27,15 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
     assert os.listdir(path.parent) == ["r.json"]
 
 
+def test_atomic_write_gives_umask_permissions_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "r.json", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     atomic_write_text(path, "finished")
