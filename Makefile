@@ -37,10 +37,12 @@ leaderboard: $(VENV)/.installed ## Rebuild leaderboards from result files, witho
 preview: $(VENV)/.installed ## Write a grid of every corruption x severity on a real photo to corruptions.png
 	$(VENV)/bin/rcit-bench corrupt astronaut --out corruptions.png
 
-speed: $(VENV)/.installed ## Run the speed scripts in benchmarks/ (corruptions, metrics, similarity)
+speed: $(VENV)/.installed ## Run the speed scripts in benchmarks/ (corruptions, metrics, similarity, training, grid cost)
 	$(PY) benchmarks/corruption_speed.py
 	$(PY) benchmarks/metrics_speed.py
-	$(PY) benchmarks/similarity_speed.py
+	$(PY) benchmarks/similarity_speed.py --sizes 1000x5000,5000x25000
+	WANDB_MODE=disabled $(PY) benchmarks/train_throughput.py
+	WANDB_MODE=disabled $(PY) benchmarks/grid_cost.py
 
 clean: ## Remove caches (keeps .venv, data and runs)
 	rm -rf .pytest_cache build *.egg-info

@@ -171,3 +171,16 @@ def test_transformer_text_encoder_from_local_dir(tmp_path) -> None:  # noqa: ANN
     torch.testing.assert_close(out["global"][1], out["words"][1, :3].mean(0), rtol=1e-5, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="could not load transformer"):
         build_text_encoder(f"transformer:{tmp_path / 'nope'}", embed_dim=8)
+
+
+@pytest.mark.parametrize("channels,stem,side", [([16, 32, 64], 2, 8), ([16, 32, 64, 64], 2, 4), ([8, 16], 1, 32)])
+def test_small_cnn_flatten_global_sees_the_whole_grid(channels, stem, side):
+    """global_pool='flatten' maps the whole (C, h, w) grid: the head's input size matches the real grid."""
+    from rcit_bench.models.encoders import SmallCNN
+
+    enc = SmallCNN(24, input_size=64, channels=tuple(channels), stem_stride=stem, global_pool="flatten")
+    out = enc(torch.rand(2, 3, 64, 64))
+    assert out["global"].shape == (2, 24) and out["local"].shape == (2, side * side, 24)
+    assert enc.proj_global.in_features == channels[-1] * side * side
+    with pytest.raises(ValueError, match="global_pool"):
+        SmallCNN(24, global_pool="max")

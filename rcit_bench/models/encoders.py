@@ -90,10 +90,12 @@ class ImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
-    def _init_heads(self, feat_dim: int) -> None:
+    global_pool: str = "avg"
+
+    def _init_heads(self, feat_dim: int, global_in: int | None = None) -> None:
         self.feat_dim = int(feat_dim)
         self.proj_local = nn.Linear(feat_dim, self.embed_dim)
-        self.proj_global = nn.Linear(feat_dim, self.embed_dim)
+        self.proj_global = nn.Linear(global_in or feat_dim, self.embed_dim)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [0, 1] -> resized to ``input_size`` and normalised."""
@@ -115,7 +117,7 @@ class ImageEncoder(nn.Module):
             grid = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
         else:
             grid = fmap  # (B, N, C) tokens
-        pooled = grid.mean(dim=1)  # (B, C)
+        pooled = grid.flatten(1) if self.global_pool == "flatten" else grid.mean(dim=1)  # (B, h*w*C) | (B, C)
         return {"global": self.proj_global(pooled), "local": self.proj_local(grid)}
 
 
@@ -123,11 +125,19 @@ class SmallCNN(ImageEncoder):
     """A small conv net for CPU runs: conv-BN-ReLU layers, the first with ``stem_stride``, the others
     stride 2, then one stride-1 conv. Defaults: 64 px in, stride 8 -> an 8x8 grid of 256-d cells.
     The CPU configs use ``channels: [16, 32, 64], stem_stride: 2`` (also 8x8, ~20x fewer FLOPs).
+
+    ``global_pool``: ``avg`` (mean over the grid, as ResNet/VSE++) or ``flatten`` (a linear map of the whole
+    grid): a small from-scratch net has too few channels to carry where things are through an average, and
+    the captions say where ("at the top right").
     """
 
     def __init__(self, embed_dim: int, input_size: int = 64, channels: tuple[int, ...] = (32, 64, 128, 256),
-                 stem_stride: int = 1) -> None:
+                 stem_stride: int = 1, global_pool: str = "avg") -> None:
+        from rcit_bench.utils import check_choice
+
+        check_choice("global_pool", global_pool, ("avg", "flatten"))
         super().__init__(embed_dim, input_size)
+        self.global_pool = global_pool
         layers: list[nn.Module] = []
         c_in = 3
         for i, c in enumerate(channels):
@@ -136,7 +146,10 @@ class SmallCNN(ImageEncoder):
             c_in = c
         layers += [nn.Conv2d(c_in, c_in, 3, padding=1, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)]
         self.backbone = nn.Sequential(*layers)
-        self._init_heads(c_in)
+        side = -(-input_size // stem_stride)
+        for _ in channels[1:]:
+            side = -(-side // 2)  # 3x3 conv, padding 1, stride 2: ceil(side / 2)
+        self._init_heads(c_in, c_in * side * side if global_pool == "flatten" else None)
 
 
 class TimmImageEncoder(ImageEncoder):
@@ -232,8 +245,10 @@ class PrecomputedImageEncoder(nn.Module):
 
 @register_image_encoder("small_cnn")
 def _build_small_cnn(spec: str | None, embed_dim: int, input_size: int = 64,
-                     channels: tuple[int, ...] | list[int] = (32, 64, 128, 256), stem_stride: int = 1) -> SmallCNN:
-    return SmallCNN(embed_dim, input_size=input_size, channels=tuple(channels), stem_stride=stem_stride)
+                     channels: tuple[int, ...] | list[int] = (32, 64, 128, 256), stem_stride: int = 1,
+                     global_pool: str = "avg") -> SmallCNN:
+    return SmallCNN(embed_dim, input_size=input_size, channels=tuple(channels), stem_stride=stem_stride,
+                    global_pool=global_pool)
 
 
 @register_image_encoder("timm")
