@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from rcit_bench.data.corruptions import RATE_CORRUPTIONS, corrupt, list_corruptions
+from rcit_bench.utils import cpu_model
 
 
 def sample_batch(n: int = 16, size: int = 224) -> torch.Tensor:
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     arrays = [(im.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for im in x]
     ic = "skipped" if args.no_ic else _import_imagecorruptions()
 
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# Corruption throughput, {args.batch} images of 224 px, severity {args.severity} (rate 0.6 for RCIT modes)")
     print(f"command: python {' '.join(['benchmarks/corruption_speed.py'] + sys.argv[1:] if argv is None else argv)}")

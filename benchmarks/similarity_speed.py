@@ -47,12 +47,9 @@ def _reset_peak() -> bool:
 def machine_header() -> str:
     import torch
 
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from rcit_bench.utils import cpu_model
+
+    cpu = cpu_model()
     return (
         f"# machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cpus, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}\n"

@@ -41,12 +41,9 @@ def machine_header(device: str = "cpu") -> str:
     """The line naming the machine and the command that every printed table starts with."""
     import torch
 
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from rcit_bench.utils import cpu_model
+
+    cpu = cpu_model()
     dev = device
     if device.startswith("cuda") and torch.cuda.is_available():
         dev = f"{device} ({torch.cuda.get_device_name(0)})"

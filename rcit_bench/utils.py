@@ -58,6 +58,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for the machine line of benchmark output."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown cpu"
+
+
 def stable_hash(*parts: object) -> int:
     """A 63-bit integer from the sha256 of the parts' reprs: stable across processes and machines."""
     digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()

@@ -169,6 +169,17 @@ def test_chunk_sizes_respect_budget():
     assert chunk_sizes(100, 50, 1, 512) == (100, 50)  # everything fits in one block
 
 
+def test_chunk_sizes_count_the_inputs_copies():
+    """5K x 25K SCAN at 512 MB: 25,000 captions' normalised copies alone take 1.2 GB, so blocks must hold
+    fewer captions, and pairs + copies stay within the budget."""
+    bpp, row_b, cap_b = 36 * 12 * 4 * 6, 2 * 36 * 256 * 4, 2 * 12 * 256 * 4
+    for n, m in [(5000, 25000), (1000, 5000), (7, 3)]:
+        ci, ct = chunk_sizes(n, m, bpp, 512, row_bytes=row_b, caption_bytes=cap_b)
+        assert 1 <= ci <= n and 1 <= ct <= m
+        assert ci * ct * bpp + ci * row_b + ct * cap_b <= 512 * 2**20
+    assert chunk_sizes(5000, 25000, bpp, 512, row_bytes=row_b, caption_bytes=cap_b)[1] < 25000
+
+
 @pytest.mark.parametrize(
     "fn",
     [scan_t2i, scan_i2t, *(functools.partial(matchmap_scores, mode=m) for m in ("misa", "sisa", "sima"))],
@@ -229,3 +240,17 @@ def test_stable_matmul_entries_independent_of_block_shape():
     torch.testing.assert_close(full, a @ b)
     for p, q in [(1, 1), (1, 400), (300, 1), (3, 5), (17, 33)]:
         assert torch.equal(stable_matmul(a[-p:], b[:, -q:]), full[-p:, -q:])
+
+
+@pytest.mark.parametrize("fn", [scan_t2i, functools.partial(matchmap_scores, mode="misa")], ids=["scan_t2i", "misa"])
+def test_by_length_scores_match_padded_and_ignore_caption_order(fn):
+    """Grouping captions by length (evaluation) gives the padded scores up to rounding, whatever the order."""
+    g = torch.Generator().manual_seed(3)
+    regions, words = torch.randn(7, 5, 8, generator=g), torch.randn(11, 9, 8, generator=g)
+    lengths = torch.tensor([9, 2, 5, 5, 1, 9, 3, 2, 7, 5, 4])
+    padded = chunked_scores(fn, regions, words, lengths, memory_budget_mb=1)
+    grouped = chunked_scores(fn, regions, words, lengths, memory_budget_mb=1, by_length=True)
+    torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=1e-5)
+    perm = torch.randperm(11, generator=g)
+    shuffled = chunked_scores(fn, regions, words[perm], lengths[perm], memory_budget_mb=1, by_length=True)
+    assert torch.equal(shuffled, grouped[:, perm])

@@ -119,7 +119,8 @@ class MatchMap(RetrievalModule):
         fn = functools.partial(matchmap_scores, mode=self.hparams.sim_mode)
         per_pair = default_bytes_per_pair(cells, words, MATCHMAP_BYTES_FACTOR)
         return chunked_scores(fn, cells, words, text_reps["lengths"],
-                              memory_budget_mb=float(self.hparams.memory_budget_mb), bytes_per_pair=per_pair)
+                              memory_budget_mb=float(self.hparams.memory_budget_mb), bytes_per_pair=per_pair,
+                              by_length=not torch.is_grad_enabled())  # evaluation: no work on padding
 
     # ------------------------------------------------------------------------------------ training
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor | float]]:

@@ -262,16 +262,49 @@ def default_bytes_per_pair(img_feats: Tensor, txt_feats: Tensor, factor: float =
     return int(math.ceil(factor * r * l_max * img_feats.element_size()))
 
 
-def chunk_sizes(n_img: int, n_txt: int, bytes_per_pair: int, memory_budget_mb: float) -> tuple[int, int]:
-    """(image rows, captions) per block so that ``rows * captions * bytes_per_pair`` <= budget (at least 1 x 1).
+def chunk_sizes(n_img: int, n_txt: int, bytes_per_pair: int, memory_budget_mb: float, row_bytes: int = 0,
+                caption_bytes: int = 0) -> tuple[int, int]:
+    """(image rows, captions) per block so that ``rows * captions * bytes_per_pair + rows * row_bytes +
+    captions * caption_bytes`` <= budget (at least 1 x 1).
 
-    Prefers whole caption sets (long GEMMs); otherwise square-ish blocks."""
-    budget_pairs = max(1, int(memory_budget_mb * 2**20) // max(1, int(bytes_per_pair)))
-    if budget_pairs >= n_txt:
-        return max(1, min(n_img, budget_pairs // n_txt)), n_txt
-    side = max(1, math.isqrt(budget_pairs))
+    ``row_bytes`` / ``caption_bytes``: what a scorer allocates per image / caption of a block whatever the
+    pairs (its normalised copies of the inputs). Prefers whole caption sets (long GEMMs) while their copies
+    take at most half the budget; otherwise square-ish blocks."""
+    budget = int(memory_budget_mb * 2**20)
+    bpp = max(1, int(bytes_per_pair))
+    fixed = n_txt * int(caption_bytes)
+    if 2 * fixed <= budget:
+        rows = (budget - fixed) // (n_txt * bpp + int(row_bytes))
+        if rows >= 1:
+            return min(n_img, rows), n_txt
+    # square-ish: half the budget for pairs, the rest for the per-row / per-caption copies
+    side = max(1, math.isqrt(max(1, budget // (2 * bpp))))
     img_chunk = min(n_img, side)
-    return img_chunk, max(1, min(n_txt, budget_pairs // img_chunk))
+    per_cap = img_chunk * bpp + int(caption_bytes)
+    txt_chunk = max(1, min(n_txt, (budget - img_chunk * int(row_bytes)) // max(1, per_cap)))
+    return img_chunk, txt_chunk
+
+
+def _scores_by_length(fn: Callable[..., Tensor], img_feats: Tensor, txt_feats: Tensor, txt_lengths: Tensor,
+                      memory_budget_mb: float, bytes_per_pair: int | None) -> Tensor:
+    """``chunked_scores`` per group of captions of one length, each cut to that length.
+
+    Captions padded to the longest one in the set (31 words on the synthetic set, ~12 on average) would make
+    the cross-attention work (linear in the padded length) ~2.5x what it needs; padded words never change a
+    score. Grouping by length depends only on the lengths, so the result does not depend on caption order."""
+    lengths = torch.as_tensor(txt_lengths, device=txt_feats.device).to(torch.long)
+    out: Tensor | None = None
+    l_max = txt_feats.shape[1]
+    for length in torch.unique(lengths).tolist():
+        cols = torch.nonzero(lengths == length).squeeze(1)
+        bpp = None if bytes_per_pair is None else max(1, int(bytes_per_pair) * int(length) // max(1, l_max))
+        block = chunked_scores(fn, img_feats, txt_feats[cols, :length], lengths[cols],
+                               memory_budget_mb=memory_budget_mb, bytes_per_pair=bpp)
+        if out is None:
+            out = block.new_empty((img_feats.shape[0], txt_feats.shape[0]))
+        out[:, cols] = block
+    assert out is not None
+    return out
 
 
 def chunked_scores(
@@ -284,6 +317,7 @@ def chunked_scores(
     bytes_per_pair: int | None = None,
     img_chunk: int | None = None,
     txt_chunk: int | None = None,
+    by_length: bool = False,
 ) -> Tensor:
     """Score all (image, caption) pairs with ``fn`` block by block so its intermediates fit ``memory_budget_mb``.
 
@@ -294,6 +328,8 @@ def chunked_scores(
         memory_budget_mb: bound on the block's intermediates (inputs and the (N, M) output come on top).
         bytes_per_pair: peak bytes of ``fn`` per pair; default ``bytes_factor(fn) * R * L * itemsize``.
         img_chunk, txt_chunk: force block sizes (tests, tuning); otherwise derived from the budget.
+        by_length: score each group of equal-length captions cut to its length (no work on padding); scores
+            equal the padded ones up to float rounding (reductions over another length); used at evaluation.
 
     Every pair is computed by the same operations on the same data whatever the blocking, so the result equals
     ``fn(img_feats, txt_feats, txt_lengths)`` (bit-for-bit on CPU in our tests; GPU BLAS may pick shape-dependent
@@ -301,6 +337,8 @@ def chunked_scores(
     """
     if memory_budget_mb <= 0:
         raise ValueError(f"Argument `memory_budget_mb` must be > 0, but got {memory_budget_mb!r}.")
+    if by_length and txt_lengths is not None and txt_feats.ndim == 3 and len(txt_feats):
+        return _scores_by_length(fn, img_feats, txt_feats, txt_lengths, memory_budget_mb, bytes_per_pair)
     n, m = img_feats.shape[0], txt_feats.shape[0]
     if txt_lengths is not None and len(txt_lengths) != m:
         raise ValueError(f"Argument `txt_lengths` must have one entry per caption ({m}), but got {len(txt_lengths)}.")
@@ -308,7 +346,10 @@ def chunked_scores(
         bpp = default_bytes_per_pair(img_feats, txt_feats, bytes_factor(fn))
     else:
         bpp = int(bytes_per_pair)
-    auto_i, auto_t = chunk_sizes(n, m, bpp, memory_budget_mb)
+    # normalised copies of a block's inputs that cross-attention scorers make (2 live at once: l2norm, mask)
+    row_b = 2 * img_feats[0].numel() * img_feats.element_size() if n and fn is not cosine_sim else 0
+    cap_b = 2 * txt_feats[0].numel() * txt_feats.element_size() if m and fn is not cosine_sim else 0
+    auto_i, auto_t = chunk_sizes(n, m, bpp, memory_budget_mb, row_bytes=row_b, caption_bytes=cap_b)
     for arg, val in (("img_chunk", img_chunk), ("txt_chunk", txt_chunk)):
         if val is not None and (not isinstance(val, int) or val < 1):
             raise ValueError(f"Argument `{arg}` must be a positive int or None, but got {val!r}.")

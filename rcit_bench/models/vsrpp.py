@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from rcit_bench.models.base import RetrievalModule
@@ -120,7 +121,8 @@ class VSRPP(RetrievalModule):
         fn = functools.partial(scan, lambda1=self._lambda1, lambda2=self._lambda2, agg=self.hparams.agg)
         per_pair = default_bytes_per_pair(regions, words, SCAN_BYTES_FACTOR)
         return chunked_scores(fn, regions, words, text_reps["lengths"],
-                              memory_budget_mb=float(self.hparams.memory_budget_mb), bytes_per_pair=per_pair)
+                              memory_budget_mb=float(self.hparams.memory_budget_mb), bytes_per_pair=per_pair,
+                              by_length=not torch.is_grad_enabled())  # evaluation: no work on padding
 
     def global_similarity(self, image_reps: dict[str, Tensor], text_reps: dict[str, Tensor]) -> Tensor:
         """S_G (N_img, N_txt): cosine of the reasoned image vector and the sentence vector."""
