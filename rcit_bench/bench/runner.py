@@ -251,13 +251,17 @@ def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], 
 
     _seed(seed)
     ckpt_dir = rd / "checkpoints"
-    ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor="val/rsum", mode="max", save_last=True,
+    ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor="val/rsum", mode="max",
                            save_top_k=1, auto_insert_metric_name=False)
+    # `save_last=True` only copies when the best improves, so after an epoch without improvement a killed run
+    # would resume from an older epoch: its own callback writes last.ckpt after every epoch instead.
+    latest = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
+                             every_n_epochs=1, enable_version_counter=False, auto_insert_metric_name=False)
     kw = {"enable_model_summary": False, **trainer_kw}
     # Model and datamodule both name a `text_encoder` (a network vs a tokenizer); Lightning refuses to merge
     # such hparams for the logger. The datamodule's are recorded in the W&B config by the runner anyway.
     dm._log_hyperparams = False
-    trainer = L.Trainer(default_root_dir=str(rd), callbacks=[ckpt, _rng_checkpoint()],
+    trainer = L.Trainer(default_root_dir=str(rd), callbacks=[ckpt, latest, _rng_checkpoint()],
                         logger=wb.lightning_logger() or False, **kw)
     last = ckpt_dir / "last.ckpt"
     resume = str(last) if last.is_file() and _readable_checkpoint(last) else None
