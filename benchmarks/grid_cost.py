@@ -30,14 +30,14 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import machine_header  # noqa: E402
+from rcit_bench.utils import machine_header  # noqa: E402
+from train_throughput import run_worker  # noqa: E402
 
 # Karpathy-split sizes of the paper datasets (images; 5 captions per image), used only for the GPU estimate.
 PAPER_SPLITS = {"flickr30k": {"train": 29000, "val": 1014, "test": 1000},
@@ -283,12 +283,7 @@ def flops_worker(config: str, method: str, vocab_size: int, caption_len: int) ->
 
 def spawn(*worker_args: str) -> dict[str, Any]:
     """Run a worker in a fresh interpreter (own memory, nothing cached from another method)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *worker_args]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker([sys.executable, os.path.abspath(__file__), "--worker", *worker_args])
 
 
 # ------------------------------------------------------------------------------------------------ the model

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+
+from rcit_bench.utils import machine_header
 
 
 def _status_kb(field: str) -> int:
@@ -33,19 +34,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def machine_header() -> str:
-    import torch
-
-    from rcit_bench.utils import cpu_model
-
-    cpu = cpu_model()
-    return (
-        f"# machine: {platform.system()} {platform.machine()}, {cpu}, "
-        f"{os.cpu_count()} cpus, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"python {platform.python_version()}\n# command: python {' '.join(sys.argv)}"
-    )
 
 
 def worker(kind: str, n_img: int, caps: int, repeats: int) -> dict:

@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+
+from rcit_bench.utils import machine_header
 
 
 def _status_kb(field: str) -> int:
@@ -42,19 +43,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def machine_header() -> str:
-    import torch
-
-    from rcit_bench.utils import cpu_model
-
-    cpu = cpu_model()
-    return (
-        f"# machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cpus, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}\n"
-        f"# command: python {' '.join(sys.argv)}"
-    )
 
 
 def worker(args: argparse.Namespace) -> dict:

@@ -23,33 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from typing import Any
 
+from rcit_bench.utils import machine_header
+
 METHODS = ("vsepp", "rcit", "miie", "matchmap", "vsrpp")
 RCIT_MIX = [{"name": "speckle", "rate": 0.6}, {"name": "salt_pepper", "rate": 0.6}]
 # --paper on a machine without the datasets: the paper model configs on generated synthetic images at the paper
 # configs' decoded size (256 px; the encoders resize to 224) and batch 128. Throughput does not depend on content.
 PAPER_SYNTHETIC_ROOT = "data/synthetic-256"
-
-
-def machine_header(device: str = "cpu") -> str:
-    """The line naming the machine and the command that every printed table starts with."""
-    import torch
-
-    from rcit_bench.utils import cpu_model
-
-    cpu = cpu_model()
-    dev = device
-    if device.startswith("cuda") and torch.cuda.is_available():
-        dev = f"{device} ({torch.cuda.get_device_name(0)})"
-    return (f"# machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-            f"threads), python {platform.python_version()}, device {dev}\n"
-            f"# command: python {' '.join(sys.argv)}")
 
 
 def throughput_spec(method: str, *, paper: bool = False, n_train: int | None = None, trainer: dict | None = None,
@@ -178,6 +164,11 @@ def spawn(method: str, args: argparse.Namespace) -> dict[str, Any]:
         cmd.append("--paper")
     if args.no_flops:
         cmd.append("--no-flops")
+    return run_worker(cmd)
+
+
+def run_worker(cmd: list[str]) -> dict[str, Any]:
+    """Run a worker command in a fresh interpreter (W&B off) and return the JSON of its last output line."""
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -218,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="paper configs (configs/paper/<method>_flickr30k.yaml: ResNet-152 at 224 px, batch 128) on "
                          "synthetic 256 px images; meant for a GPU")
     ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="the device's peak (e.g. bf16 dense: A100 312, H100 SXM 989) for the '% of peak' column")
+                    help="the device's peak (e.g. bf16 dense: A100 312, H100 SXM 989) for the '%% of peak' column")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted step")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -27,10 +27,16 @@ def check_choice(arg: str, value: object, choices: Iterable[str]) -> None:
     )
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _current_umask() -> int:
+    """The process umask, read without changing it (/proc on Linux): setting it to read it would, for a moment,
+    give files that other threads create mode 0666."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -39,7 +45,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any other file
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; results are shared like any other file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -67,6 +73,21 @@ def cpu_model() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def machine_header(device: str = "cpu") -> str:
+    """Two lines naming the machine and the command, which every benchmark table starts with."""
+    import platform
+    import sys
+
+    import torch
+
+    dev = device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        dev = f"{device} ({torch.cuda.get_device_name(0)})"
+    return (f"# machine: {platform.system()} {platform.machine()}, {cpu_model()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}, "
+            f"device {dev}\n# command: python {' '.join(sys.argv)}")
 
 
 def stable_hash(*parts: object) -> int:

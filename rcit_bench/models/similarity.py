@@ -347,8 +347,9 @@ def chunked_scores(
     else:
         bpp = int(bytes_per_pair)
     # normalised copies of a block's inputs that cross-attention scorers make (2 live at once: l2norm, mask)
-    row_b = 2 * img_feats[0].numel() * img_feats.element_size() if n and fn is not cosine_sim else 0
-    cap_b = 2 * txt_feats[0].numel() * txt_feats.element_size() if m and fn is not cosine_sim else 0
+    copies = bytes_factor(fn) != 1.0  # cosine scores in place of its inputs' copies; cross attention copies them
+    row_b = 2 * img_feats[0].numel() * img_feats.element_size() if n and copies else 0
+    cap_b = 2 * txt_feats[0].numel() * txt_feats.element_size() if m and copies else 0
     auto_i, auto_t = chunk_sizes(n, m, bpp, memory_budget_mb, row_bytes=row_b, caption_bytes=cap_b)
     for arg, val in (("img_chunk", img_chunk), ("txt_chunk", txt_chunk)):
         if val is not None and (not isinstance(val, int) or val < 1):
