@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/corruption_speed.py [--batch 16] [--severity 3] [--repeats 3] [--device cpu|cuda]
-        [--only NAME ...] [--ic-glass-images 2] [--threads N]
+        [--only NAME ...] [--ic-glass-images 2] [--threads N] [--system-malloc]
 
 Prints a markdown table (images per second, best of --repeats for both, timed alternately; imagecorruptions
 one call per image over the batch, glass blur on only --ic-glass-images images because it is slow). The
@@ -13,7 +13,8 @@ installed so the other corruptions can be compared. Where the package fails (it 
 NumPy/scikit-image for glass_blur, gaussian_blur and fog) the row says 'peer failed: <reason>' and the
 benchmark goes on. Both sides run in the same process, one corruption after the other, so they see the
 same machine load; rcit-bench is given the images as one batch (its API), imagecorruptions one at a time
-(its API), each after one untimed warm-up call.
+(its API), each after one untimed warm-up call. Both run with the allocator setting of the rcit-bench command
+(freed memory kept for reuse, see rcit_bench.utils.keep_freed_memory) unless --system-malloc is given.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from rcit_bench.data.corruptions import RATE_CORRUPTIONS, corrupt, list_corruptions
-from rcit_bench.utils import cpu_model
+from rcit_bench.utils import allocator_note, cpu_model, keep_freed_memory
 
 
 def sample_batch(n: int = 16, size: int = 224) -> torch.Tensor:
@@ -138,7 +139,14 @@ def main(argv: list[str] | None = None) -> None:
         help="torch intra-op threads (default: torch's). imagecorruptions is single-threaded NumPy; on a small "
         "machine shared with other jobs, torch's thread pool can lose more to waiting than it gains",
     )
+    p.add_argument(
+        "--system-malloc", action="store_true",
+        help="leave glibc's allocator at its defaults instead of keeping freed memory as the rcit-bench command "
+        "does (rcit_bench.utils.keep_freed_memory); shows what page faults cost",
+    )
     args = p.parse_args(argv)
+    if not args.system_malloc:
+        keep_freed_memory()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"machine: {platform.system()} {dev}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), numpy {np.__version__}, device {args.device}, "
-        f"load average {load:.1f} at start"
+        f"{allocator_note()}, load average {load:.1f} at start"
     )
     print()
     print("| corruption | rcit-bench img/s | imagecorruptions img/s | speedup |")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rcit_bench.utils import machine_header  # noqa: E402
+from rcit_bench.utils import keep_freed_memory, machine_header  # noqa: E402
 from train_throughput import run_worker  # noqa: E402
 
 # Karpathy-split sizes of the paper datasets (images; 5 captions per image), used only for the GPU estimate.
@@ -457,6 +457,7 @@ def gpu_estimate(spec_paths: list[str], flops: dict[str, dict], peak_tflops: flo
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
+    keep_freed_memory()  # as the rcit-bench command runs (see its docstring)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", default="benchmarks/quick.yaml", help="spec to predict on this machine")
     ap.add_argument("--train-steps", type=int, default=5, help="timed training steps per method")

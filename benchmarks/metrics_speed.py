@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from rcit_bench.utils import machine_header
+from rcit_bench.utils import keep_freed_memory, machine_header
 
 
 def _status_kb(field: str) -> int:
@@ -103,6 +103,7 @@ def spawn(kind: str, n_img: int, caps: int, repeats: int) -> dict:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the rcit-bench command runs (see its docstring)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-img", type=int, default=5000)
     ap.add_argument("--caps-per-image", type=int, default=5)

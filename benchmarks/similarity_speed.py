@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from rcit_bench.utils import machine_header
+from rcit_bench.utils import keep_freed_memory, machine_header
 
 
 def _status_kb(field: str) -> int:
@@ -129,6 +129,7 @@ def spawn(args: argparse.Namespace, fn: str, mode: str, rows_timed: int = 0) -> 
 
 
 def main() -> None:
+    keep_freed_memory()  # as the rcit-bench command runs (see its docstring)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=None,
                     help="comma-separated IMGxCAP sizes, e.g. 1000x5000,5000x25000 (default: --n-img x --n-cap)")

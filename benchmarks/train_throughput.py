@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from rcit_bench.utils import machine_header
+from rcit_bench.utils import keep_freed_memory, machine_header
 
 METHODS = ("vsepp", "rcit", "miie", "matchmap", "vsrpp")
 RCIT_MIX = [{"name": "speckle", "rate": 0.6}, {"name": "salt_pepper", "rate": 0.6}]
@@ -198,6 +198,7 @@ def table(rows: list[dict[str, Any]], peak_tflops: float | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    keep_freed_memory()  # as the rcit-bench command runs (see its docstring)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all five)")
     ap.add_argument("--steps", type=int, default=20, help="timed optimisation steps")

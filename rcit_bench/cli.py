@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from rcit_bench.utils import keep_freed_memory
+
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
 
 
@@ -181,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # batched CPU work page-faults its buffers in again on every call otherwise
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for name in ("lightning.pytorch", "lightning.fabric"):  # they print through their own handler already
         logging.getLogger(name).propagate = False

@@ -1,4 +1,5 @@
-"""Small helpers shared across the suite: name checking with suggestions, atomic writes, stable hashes."""
+"""Small helpers shared across the suite: name checking with suggestions, atomic writes, stable hashes, the
+allocator setting the suite runs with."""
 
 from __future__ import annotations
 
@@ -87,7 +88,51 @@ def machine_header(device: str = "cpu") -> str:
         dev = f"{device} ({torch.cuda.get_device_name(0)})"
     return (f"# machine: {platform.system()} {platform.machine()}, {cpu_model()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}, "
-            f"device {dev}\n# command: python {' '.join(sys.argv)}")
+            f"device {dev}, {allocator_note()}\n# command: python {' '.join(sys.argv)}")
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+_FREED_MEMORY_KEPT = False
+
+
+def keep_freed_memory(trim_mb: int = 512, mmap_mb: int = 64) -> bool:
+    """Ask glibc to keep up to `trim_mb` of freed heap for reuse, and to serve blocks below `mmap_mb` from it.
+
+    Why: torch's CPU allocator caches nothing, and by default glibc hands a freed heap top back to the kernel
+    once it exceeds twice the largest block freed so far. An op chain with several live 10 MB tensors then
+    page-faults all of its memory in again on every call; on virtual machines, where a fault costs several
+    microseconds, that made batched corruptions 2-4x slower (`benchmarks/corruption_speed.py
+    --system-malloc` shows it). Same idea as the jemalloc/tcmalloc advice for PyTorch on CPU, without a
+    preload. The `rcit-bench` command and the data loader workers call it; library users may too.
+
+    Leaves the allocator alone, returning False, where the C library is not glibc or the user already tunes
+    it through the MALLOC_* environment variables (or GLIBC_TUNABLES). Returns True when applied."""
+    if any(v in os.environ for v in _MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError where the C library is not glibc
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, mmap_mb << 20) == 1 or mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+    ok = bool(ok and mallopt(_M_TRIM_THRESHOLD, trim_mb << 20) == 1)
+    global _FREED_MEMORY_KEPT
+    _FREED_MEMORY_KEPT = _FREED_MEMORY_KEPT or ok
+    return ok
+
+
+def allocator_note() -> str:
+    """How this process's allocator is set, for benchmark headers."""
+    if _FREED_MEMORY_KEPT:
+        return "glibc keeps freed memory (keep_freed_memory)"
+    if any(v in os.environ for v in _MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return "malloc tuned by environment"
+    return "system default malloc"
 
 
 def stable_hash(*parts: object) -> int:

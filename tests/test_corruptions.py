@@ -412,3 +412,22 @@ def test_any3x3_is_binary_dilation() -> None:
 
     m = torch.rand(3, 20, 31, generator=torch.Generator().manual_seed(0)) < 0.2
     assert torch.equal(_any3x3(m), F.max_pool2d(m.float()[:, None], 3, 1, 1)[:, 0] > 0)
+
+
+@pytest.mark.parametrize("c", [60, 3])
+def test_poisson_guide_table_inverts_the_cdf_exactly(c: int) -> None:
+    """On the lambda grid (no remainder) the sampler must return exactly the first k with CDF(k) > u."""
+    import rcit_bench.data.corruptions as C
+
+    cdf, guide = C._poisson_tables(c)
+    k = cdf.numel() // (c * C._POISSON_STEP + 1)
+    g = torch.Generator().manual_seed(c)
+    j = torch.randint(0, c * C._POISSON_STEP + 1, (50000,), generator=g)
+    u1 = torch.rand(50000, generator=g)
+    u1[:500] = (1 - torch.rand(500, generator=g) * 1e-4).clamp(max=1 - 2**-24)  # upper tail: searched buckets
+    u1[500:1000] = torch.rand(500, generator=g) * 1e-4  # the lower tail
+    out = torch.empty(50000)
+    C._poisson_chunk(j.float() / C._POISSON_STEP, u1, torch.zeros(50000), cdf, guide, c, out)
+    ref = torch.searchsorted(cdf.view(-1, k)[j], u1[:, None], right=True)[:, 0].clamp(max=k - 1)
+    assert torch.equal(out.long(), ref)
+    assert ((guide[:, 0] >= C._POISSON_HARD).sum() > 0)  # the test reached the searched buckets

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import submitit
 from submitit.core.utils import DelayedSubmission
 
-from rcit_bench.utils import check_choice, did_you_mean
+from rcit_bench.utils import check_choice, did_you_mean, keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class SpecEntryJob(submitit.helpers.Checkpointable):
         if fn is None:
             from rcit_bench.bench.runner import run_spec as fn
         os.chdir(self.workdir)
+        keep_freed_memory()  # as the rcit-bench command does
         log.info("job: spec %s entry %s -> %s", self.spec_path, entry_id, self.results_dir)
         # build_board=False: concurrent jobs would race on the leaderboard and each see partial results
         kwargs = {"build_board": False, **self.run_kwargs}

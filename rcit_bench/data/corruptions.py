@@ -58,6 +58,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
@@ -534,16 +536,21 @@ def _gaussian_noise(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
 
 
 _POISSON_STEP = 16  # lambda grid: 1/16
-_POISSON_GUIDE = 128  # guide-table buckets per grid row
-# elements per chunk: temporaries stay in cache, and below torch's parallel grain (32768) each op runs inline,
-# which avoids thread-pool hand-offs for these many small ops (costly when other jobs share the cores)
-_SERIAL_CHUNK = 32000
-_POISSON_CHUNK = _SERIAL_CHUNK
+_POISSON_GUIDE = 256  # guide-table buckets per grid row
+_POISSON_HARD = 1 << 16  # added to a guide entry whose bucket holds more than one CDF step (tails)
+# elements per chunk: temporaries of a few MB; measured on 2 cores, 2^18 runs ~2.5x faster than 32k-element
+# chunks (which ran every op inline on one thread) and as fast as larger ones
+_POISSON_CHUNK = 1 << 18
 _POISSON_TABLES: dict[int, tuple[Tensor, Tensor]] = {}
 
 
 def _poisson_tables(c: int) -> tuple[Tensor, Tensor]:
-    """CDF (J, K) of Poisson(j / 16) for j = 0..16 c, and guide (J, 128): first k with CDF > m / 128. Cached."""
+    """CDF (J * K,) of Poisson(j / 16) for j = 0..16 c, k < K, and a guide table (J * 256, 2) int32. Cached.
+
+    Guide row (j, m) packs a = the first k with CDF(j, k) > m / 256 (the answer for a uniform u at the bottom
+    of bucket m) and the bits of CDF(j, a): u >= CDF(j, a) means the answer is a + 1, exactly, whenever the
+    bucket holds at most one step of the CDF. Buckets holding more (the tails: ~1% of them) carry
+    a + _POISSON_HARD and are searched. One gather then gives both numbers."""
     if c not in _POISSON_TABLES:
         from scipy.stats import poisson
 
@@ -551,18 +558,22 @@ def _poisson_tables(c: int) -> tuple[Tensor, Tensor]:
         lam = np.arange(c * _POISSON_STEP + 1) / _POISSON_STEP
         cdf = torch.from_numpy(poisson.cdf(np.arange(k_max)[None], lam[:, None]).astype(np.float32))
         cdf[:, -1] = 1.0  # inversion always stops
-        m = torch.arange(_POISSON_GUIDE, dtype=torch.float32) / _POISSON_GUIDE
-        guide = torch.searchsorted(cdf, m.expand(cdf.shape[0], -1).contiguous(), right=True).int()
-        _POISSON_TABLES[c] = (cdf.reshape(-1).contiguous(), guide.reshape(-1).contiguous())
+        m = torch.arange(_POISSON_GUIDE + 1, dtype=torch.float32) / _POISSON_GUIDE
+        first = torch.searchsorted(cdf, m.expand(cdf.shape[0], -1).contiguous(), right=True).clamp_(max=k_max - 1)
+        a, a_top = first[:, :-1], first[:, 1:]  # answers at the bottom and the top of each bucket
+        guide = torch.stack([torch.where(a_top <= a + 1, a, a + _POISSON_HARD).int(),
+                             cdf.gather(1, a).view(torch.int32)], dim=-1)
+        _POISSON_TABLES[c] = (cdf.reshape(-1).contiguous(), guide.reshape(-1, 2).contiguous())
     return _POISSON_TABLES[c]
 
 
 def _poisson(lam: Tensor, c: int, gens: list[torch.Generator]) -> Tensor:
     """Poisson(lam) for lam (B, ...) in [0, c] on CPU, vectorised (torch.poisson is a scalar loop): flat float.
 
-    lam = j / 16 + r: Poisson(j / 16) by table inversion (guide table, then a few steps) plus an independent
-    Poisson(r), r < 1/16, by inversion (terms beyond 4 have probability < 1e-8, below the float32 uniform's
-    resolution). Exact up to float32 rounding of the tables; processed in cache-sized chunks."""
+    lam = j / 16 + r: Poisson(j / 16) by table inversion (guide table, then at most one step, or a binary
+    search in the tails) plus an independent Poisson(r), r < 1/16, by inversion (terms beyond 4 have
+    probability < 1e-8, below the float32 uniform's resolution). Exact up to float32 rounding of the tables;
+    processed in chunks of _POISSON_CHUNK values."""
     cdf, guide = _poisson_tables(c)
     u1 = _randn(gens, lam.shape[1:], torch.device("cpu"), uniform=True).view(-1)
     u2 = _randn(gens, lam.shape[1:], torch.device("cpu"), uniform=True).view(-1)
@@ -579,18 +590,19 @@ def _poisson_chunk(lam: Tensor, u1: Tensor, u2: Tensor, cdf: Tensor, guide: Tens
     j = lam.mul(_POISSON_STEP).floor_()
     r = torch.sub(lam, j, alpha=1.0 / _POISSON_STEP)  # exact: the grid step is a power of 2
     j = j.int()
-    a = torch.index_select(guide, 0, (u1 * _POISSON_GUIDE).int().add_(j, alpha=_POISSON_GUIDE))
-    row = j.mul_(k)
-    adv = u1 >= torch.index_select(cdf, 0, row + a)  # most land within their guide bucket's first step
-    idx = adv.nonzero().squeeze(1)
-    if idx.numel():  # the rest: binary search in (a, k - 1]; the last CDF entry is 1 > u1
-        lo, hi, ui, ri = a[idx] + 1, torch.full_like(idx, k - 1, dtype=a.dtype), u1[idx], row[idx]
+    g = guide.index_select(0, (u1 * _POISSON_GUIDE).int().add_(j, alpha=_POISSON_GUIDE))
+    a = g[:, 0]
+    res = a + (u1 >= g[:, 1].view(torch.float32))
+    hard = (a >= _POISSON_HARD).nonzero().squeeze(1)
+    if hard.numel():  # binary search in [a, k - 1]; the last CDF entry is 1 > u1
+        lo, ui, ri = a[hard] - _POISSON_HARD, u1[hard], j[hard] * k
+        hi = torch.full_like(lo, k - 1)
         while bool((lo < hi).any()):
             mid = (lo + hi).div_(2, rounding_mode="floor")
             above = torch.index_select(cdf, 0, ri + mid) > ui
             hi = torch.where(above, mid, hi)
             lo = torch.where(above, lo, mid + 1)
-        a.index_copy_(0, idx, lo)
+        res.index_copy_(0, hard, lo)
     torch.exp(r.neg(), out=out)  # P(R = 0) = exp(-r) < u2 for the few with R >= 1
     idx = (u2 >= out).nonzero().squeeze(1)
     p, ri, ui = out[idx], r[idx], u2[idx]
@@ -598,7 +610,7 @@ def _poisson_chunk(lam: Tensor, u1: Tensor, u2: Tensor, cdf: Tensor, guide: Tens
     for i in range(1, 5):
         p.mul_(ri).div_(i)
         extra += ui >= acc.add_(p)
-    out.copy_(a).index_add_(0, idx, extra)
+    out.copy_(res).index_add_(0, idx, extra)
 
 
 def _shot_noise(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
@@ -800,30 +812,41 @@ def _any3x3(m: Tensor) -> Tensor:
     return out
 
 
+def _window_max(v: Tensor, n: int, ahead: bool) -> Tensor:
+    """Max of v over a window of at least n values along the last dim: [x - m + 1, x] (ahead: [x, x + m - 1]),
+    m = the next power of two >= n, in log2(m) whole-tensor steps (torch's cummax is a scalar scan per row)."""
+    step = 1
+    while step < n:
+        out = v.clone()
+        if ahead:
+            torch.maximum(v[..., :-step], v[..., step:], out=out[..., :-step])
+        else:
+            torch.maximum(v[..., step:], v[..., :-step], out=out[..., step:])
+        v, step = out, 2 * step
+    return v
+
+
 def _edge_distance(edge: Tensor, cap: int) -> Tensor:
     """min(Euclidean distance to the nearest True of edge (B, H, W), cap), exact, batched.
 
     Separable: squared horizontal distance to the nearest edge in each row, then the minimum of
-    dy^2 + that over the rows within cap (farther edges are truncated anyway). int16: all values <= 2 (cap+1)^2."""
+    dy^2 + that over the rows within cap (farther edges are truncated anyway), one whole-batch op pair per dy.
+    int16 where it fits: all squared values are <= 2 (cap + 1)^2."""
     b, h, w = edge.shape
-    dev = edge.device
     big = cap + 1
-    col = torch.arange(w, device=dev, dtype=torch.int32).expand(b, h, w)
     far = 2 * big + w  # "no edge on this side": farther than the cap
-    left = torch.where(edge, col, -far).cummax(2).values  # last edge at or left of x
-    right = torch.where(edge, -col, -far - w).flip(2).cummax(2).values.flip(2).neg_()  # first edge at or right
+    dt = torch.int16 if far + 2 * w < 2**15 else torch.int32
+    col = torch.arange(w, device=edge.device, dtype=dt).expand(b, h, w)
+    on = edge.to(dt)  # products with it: torch.where is several times slower on CPU
+    left = _window_max((col + far) * on - far, big, ahead=False)  # last edge within cap at or left of x
+    right = _window_max((far + w - col) * on - (far + w), big, ahead=True).neg_()  # first at or right of x
     g = torch.minimum(col - left, right - col).clamp_(max=big).to(torch.int16)
     g2 = F.pad(g.mul_(g), (0, 0, cap, cap), value=big * big)  # (B, H + 2 cap, W)
     d2 = g2[:, cap:cap + h].clone()
-    rows = max(1, _SERIAL_CHUNK // w)  # blocks of rows per image: small serial ops (see _SERIAL_CHUNK)
-    tmp = torch.empty(rows, w, dtype=g2.dtype, device=dev)
-    for i in range(b):
-        for r0 in range(0, h, rows):
-            r1 = min(h, r0 + rows)
-            out, t = d2[i, r0:r1], tmp[: r1 - r0]
-            for dy in range(1, cap + 1):
-                for start in (cap - dy, cap + dy):
-                    torch.minimum(out, torch.add(g2[i, start + r0:start + r1], dy * dy, out=t), out=out)
+    tmp = torch.empty_like(d2)
+    for dy in range(1, cap + 1):
+        for start in (cap - dy, cap + dy):
+            torch.minimum(d2, torch.add(g2[:, start:start + h], dy * dy, out=tmp), out=d2)
     return d2.float().sqrt_().clamp_(max=float(cap))
 
 
@@ -849,10 +872,10 @@ def _spatter(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
     dev = x.device
     liquid = _randn(gens, (1, rh, rw), dev) * std + mean
     liquid = _gaussian_blur(liquid, sigma)
-    liquid = torch.where(liquid < thr, torch.zeros_like(liquid), liquid)  # (B, 1, Href, Wref)
+    liquid = liquid.mul_(liquid >= thr)  # zero below the threshold (B, 1, Href, Wref); faster than torch.where
     if mud:
         wet = _gaussian_blur((liquid > thr).float(), inten)
-        wet = torch.where(wet < 0.8, torch.zeros_like(wet), wet)
+        wet = wet.mul_(wet >= 0.8)
         wet = _ref_layer(x, wet)
         color = torch.tensor([63 / 255, 42 / 255, 20 / 255], device=dev).view(1, 3, 1, 1)
         return x * (1 - wet) + color * wet
@@ -948,24 +971,37 @@ def _pixelate(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
     return F.interpolate(small, size=(h, w), mode="nearest-exact")  # = PIL NEAREST
 
 
-def _jpeg_compression(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
-    """Encode with Pillow (as the reference; same bytes as torchvision's encode_jpeg, ~4x faster here),
-    decode the batch with torchvision.io.decode_jpeg."""
-    import io
+_CODEC_POOL: tuple[int, ThreadPoolExecutor] | None = None
 
-    from PIL import Image
-    from torchvision.io import decode_jpeg
+
+def _codec_pool() -> ThreadPoolExecutor:
+    """Two codec threads, made again in a forked child (a pool's threads do not survive fork)."""
+    global _CODEC_POOL
+    if _CODEC_POOL is None or _CODEC_POOL[0] != os.getpid():
+        _CODEC_POOL = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="rcit-bench-jpeg"))
+    return _CODEC_POOL[1]
+
+
+def _jpeg_compression(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
+    """libjpeg encode (torchvision.io.encode_jpeg: the same bytes as the reference's Pillow) and decode, on CPU;
+    batches of 4 or more split over two threads (the codec calls release the GIL for most of their time)."""
+    from torchvision.io import decode_jpeg, encode_jpeg
 
     q = x.mul(255).add_(0.5).to(device="cpu", dtype=torch.uint8)  # x in [0, 1]: truncation = rounding
-    q = q.permute(0, 2, 3, 1).contiguous().numpy()  # (B, H, W, C) for Pillow
-    data = []
-    for img in q:  # per image: it is a codec
-        buf = io.BytesIO()
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="JPEG", quality=_JPEG[s])
-        data.append(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
+    quality = _JPEG[s]
+
+    def codec(images: Tensor) -> list[Tensor]:
+        return [decode_jpeg(encode_jpeg(im, quality=quality)) for im in images]
+
+    half = (q.shape[0] + 1) // 2
+    if q.shape[0] >= 4 and torch.get_num_threads() > 1:
+        first, second = _codec_pool().map(codec, (q[:half], q[half:]))
+        decoded = first + second
+    else:
+        decoded = codec(q)
     # decoder output is HWC in memory; numpy stacks it and converts the transposed layout to float ~10x faster
     # than torch does (uint8 -> float of a permuted tensor is a slow path on CPU)
-    out = np.stack([t.permute(1, 2, 0).numpy() for t in decode_jpeg(data)]).transpose(0, 3, 1, 2)
+    out = np.stack([t.permute(1, 2, 0).numpy() for t in decoded]).transpose(0, 3, 1, 2)
     return torch.from_numpy(out.astype(np.float32)).div_(255).to(x.device, dtype=x.dtype)
 
 

@@ -25,7 +25,7 @@ from rcit_bench.data.hf import load_hf_hub, load_hf_imagefolder, load_hf_parquet
 from rcit_bench.data.karpathy import SPLITS, load_karpathy
 from rcit_bench.data.synthetic import JSON_NAME, ensure_synthetic
 from rcit_bench.data.vocab import HFTokenizer, Vocabulary
-from rcit_bench.utils import check_choice, stable_hash
+from rcit_bench.utils import check_choice, keep_freed_memory, stable_hash
 
 __all__ = ["RetrievalDataModule", "DATASETS", "TRAIN_CORRUPTION_MODES", "collate_text", "seed_worker"]
 
@@ -56,7 +56,9 @@ _GET_DATA = {
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed python/numpy in each worker from torch's per-worker seed (itself derived from the loader generator)."""
+    """Seed python/numpy in each worker from torch's per-worker seed (itself derived from the loader generator);
+    keep freed memory for reuse in the worker, as the main process does (see utils.keep_freed_memory)."""
+    keep_freed_memory()
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
