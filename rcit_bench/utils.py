@@ -106,9 +106,10 @@ def keep_freed_memory(trim_mb: int = 512, mmap_mb: int = 64) -> bool:
     --system-malloc` shows it). Same idea as the jemalloc/tcmalloc advice for PyTorch on CPU, without a
     preload. The `rcit-bench` command and the data loader workers call it; library users may too.
 
-    Leaves the allocator alone, returning False, where the C library is not glibc or the user already tunes
-    it through the MALLOC_* environment variables (or GLIBC_TUNABLES). Returns True when applied."""
-    if any(v in os.environ for v in _MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    Leaves the allocator alone, returning False, where the C library is not glibc, where the user already
+    tunes it through the MALLOC_* environment variables (or GLIBC_TUNABLES), or where RCIT_BENCH_SYSTEM_MALLOC=1
+    asks for glibc's defaults. Returns True when applied."""
+    if os.environ.get("RCIT_BENCH_SYSTEM_MALLOC", "0") not in ("", "0") or _malloc_tuned_by_env():
         return False
     import ctypes
 
@@ -126,11 +127,15 @@ def keep_freed_memory(trim_mb: int = 512, mmap_mb: int = 64) -> bool:
     return ok
 
 
+def _malloc_tuned_by_env() -> bool:
+    return any(v in os.environ for v in _MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def allocator_note() -> str:
     """How this process's allocator is set, for benchmark headers."""
     if _FREED_MEMORY_KEPT:
         return "glibc keeps freed memory (keep_freed_memory)"
-    if any(v in os.environ for v in _MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    if _malloc_tuned_by_env():
         return "malloc tuned by environment"
     return "system default malloc"
 

@@ -56,3 +56,55 @@ def test_stable_hash_is_stable_and_distinct():
     assert 0 <= stable_hash("x") < 2**63
     # fixed value: the hash must not depend on the process (PYTHONHASHSEED) or machine
     assert stable_hash("a", 1) == int.from_bytes(__import__("hashlib").sha256(repr(("a", 1)).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+_HEAP_PROBE = """
+import ctypes, json, sys
+import torch
+from rcit_bench.utils import allocator_note, keep_freed_memory
+
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Mallinfo2
+blocks = [torch.ones(5_000_000) for _ in range(3)]  # three live 20 MB tensors, as a corruption's op chain has
+del blocks
+print(json.dumps({"applied": applied, "free_heap": libc.mallinfo2().fordblks, "note": allocator_note()}))
+"""
+
+
+def _heap_probe(mode: str, env: dict | None = None) -> dict:
+    import ctypes
+    import json
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL(None).mallinfo2  # noqa: B018 - glibc >= 2.33
+    except AttributeError:
+        pytest.skip("needs glibc's mallinfo2")
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_keep_freed_memory_keeps_freed_tensors_for_reuse():
+    kept = _heap_probe("keep")
+    default = _heap_probe("default")
+    assert kept["applied"] is True and "keeps freed memory" in kept["note"]
+    assert kept["free_heap"] >= 60_000_000  # the three freed blocks stay in the heap: no page faults next time
+    assert default["free_heap"] < 20_000_000  # glibc's default hands them back to the kernel
+    assert default["note"] == "system default malloc"
+
+
+def test_keep_freed_memory_leaves_a_user_tuned_allocator_alone():
+    tuned = _heap_probe("keep", {"MALLOC_TRIM_THRESHOLD_": "1000000"})
+    assert tuned["applied"] is False and tuned["note"] == "malloc tuned by environment"
+    assert _heap_probe("keep", {"RCIT_BENCH_SYSTEM_MALLOC": "1"})["applied"] is False

@@ -984,25 +984,26 @@ def _codec_pool() -> ThreadPoolExecutor:
 
 def _jpeg_compression(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
     """libjpeg encode (torchvision.io.encode_jpeg: the same bytes as the reference's Pillow) and decode, on CPU;
-    batches of 4 or more split over two threads (the codec calls release the GIL for most of their time)."""
+    batches of 4 or more in two threads, each quantising, coding and converting back its half (the codec and
+    tensor calls release the GIL for most of their time)."""
     from torchvision.io import decode_jpeg, encode_jpeg
 
-    q = x.mul(255).add_(0.5).to(device="cpu", dtype=torch.uint8)  # x in [0, 1]: truncation = rounding
-    quality = _JPEG[s]
+    xc = x.cpu()
+    out = np.empty(tuple(x.shape), dtype=np.float32)
 
-    def codec(images: Tensor) -> list[Tensor]:
-        return [decode_jpeg(encode_jpeg(im, quality=quality)) for im in images]
+    def code(lo: int, hi: int) -> None:
+        q = xc[lo:hi].mul(255).add_(0.5).to(torch.uint8)  # x in [0, 1]: truncation = rounding
+        decoded = [decode_jpeg(encode_jpeg(im, quality=_JPEG[s])) for im in q]
+        # decoder output is HWC in memory: numpy converts the transposed layout to float in one pass, ~10x
+        # faster than torch (uint8 -> float of a permuted tensor is a slow path on CPU)
+        out[lo:hi] = np.stack([t.permute(1, 2, 0).numpy() for t in decoded]).transpose(0, 3, 1, 2)
 
-    half = (q.shape[0] + 1) // 2
-    if q.shape[0] >= 4 and torch.get_num_threads() > 1:
-        first, second = _codec_pool().map(codec, (q[:half], q[half:]))
-        decoded = first + second
+    b = x.shape[0]
+    if b >= 4 and torch.get_num_threads() > 1:
+        list(_codec_pool().map(code, (0, (b + 1) // 2), ((b + 1) // 2, b)))
     else:
-        decoded = codec(q)
-    # decoder output is HWC in memory; numpy stacks it and converts the transposed layout to float ~10x faster
-    # than torch does (uint8 -> float of a permuted tensor is a slow path on CPU)
-    out = np.stack([t.permute(1, 2, 0).numpy() for t in decoded]).transpose(0, 3, 1, 2)
-    return torch.from_numpy(out.astype(np.float32)).div_(255).to(x.device, dtype=x.dtype)
+        code(0, b)
+    return torch.from_numpy(out).div_(255).to(x.device, dtype=x.dtype)
 
 
 _CORRUPTIONS: dict[str, Callable[[Tensor, int, list[torch.Generator]], Tensor]] = {
