@@ -431,3 +431,28 @@ def test_poisson_guide_table_inverts_the_cdf_exactly(c: int) -> None:
     ref = torch.searchsorted(cdf.view(-1, k)[j], u1[:, None], right=True)[:, 0].clamp(max=k - 1)
     assert torch.equal(out.long(), ref)
     assert ((guide[:, 0] >= C._POISSON_HARD).sum() > 0)  # the test reached the searched buckets
+
+
+def test_rate_mode_picks_exactly_k_pixels_when_keys_tie(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The k-th smallest key found by selection may be shared (float32 uniforms repeat): still exactly k pixels,
+    and the same ones as the first k of a stable sort."""
+    import rcit_bench.data.corruptions as C
+
+    real = C._randn
+    keys_seen = []
+
+    def coarse(gens, shape, device, uniform=False):  # keys on a grid of 8 values: ties everywhere
+        out = real(gens, shape, device, uniform)
+        if uniform and not keys_seen:
+            out = (out * 8).floor_() / 8
+            keys_seen.append(out.clone())
+        return out
+
+    monkeypatch.setattr(C, "_randn", coarse)
+    x = torch.full((2, 3, 20, 20), 0.5)
+    y = corrupt(x, "salt_pepper", rate=0.3, image_ids=[0, 1])
+    changed = (y != x).any(dim=1).view(2, -1)
+    assert changed.sum(1).tolist() == [120, 120]
+    expected = torch.zeros(2, 400, dtype=torch.bool).scatter_(1, keys_seen[0].argsort(dim=1, stable=True)[:, :120], True)
+    # a changed pixel must be a picked one (a pick may keep its value only if its draw equals 0.5: never here)
+    assert torch.equal(changed, expected)

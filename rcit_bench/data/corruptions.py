@@ -643,8 +643,11 @@ def _rate_corruption(x: Tensor, name: str, rate: float, gens: list[torch.Generat
         repl = _randn(gens, (c, h, w), x.device).mul_(SPECKLE_RATE_SIGMA).add_(1.0).mul_(x)  # x + x N(0, s)
     if k == 0:
         return x.clone()
-    mask = torch.zeros(b, h * w, dtype=torch.bool, device=x.device)
-    mask.scatter_(1, keys.argsort(dim=1)[:, :k], True)  # exactly k pixels per image
+    mask = keys <= keys.kthvalue(k, dim=1, keepdim=True).values  # the k smallest keys: a selection, not a sort
+    tied = (mask.sum(1) != k).nonzero().squeeze(1)  # equal float32 keys at the k-th: rare
+    if tied.numel():  # exactly k per image: the first k of a stable sort, lower pixel index first among ties
+        order = keys[tied].argsort(dim=1, stable=True)[:, :k]
+        mask[tied] = torch.zeros_like(mask[tied]).scatter_(1, order, True)
     return torch.where(mask.view(b, 1, h, w), repl, x)
 
 
