@@ -405,6 +405,11 @@ def test_jpeg_equals_pil_round_trip(photo: torch.Tensor) -> None:
     ref = np.asarray(Image.open(buf)).astype(np.float32) / 255
     got = corrupt(x, "jpeg_compression", severity=3)[0].permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(got, ref)
+    # a batch of 5 goes through the two codec threads: the same pixels, in order
+    batch = torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2), x])
+    whole = corrupt(batch, "jpeg_compression", severity=3)
+    for i in range(5):
+        assert torch.equal(whole[i:i + 1], corrupt(batch[i:i + 1], "jpeg_compression", severity=3))
 
 
 def test_any3x3_is_binary_dilation() -> None:
