@@ -190,24 +190,34 @@ def _collate_caption_image(batch: list[dict], pad_id: int) -> dict[str, torch.Te
 
 
 class _ImageDataset(Dataset):
-    """Unique images; an optional corruption deterministic per (seed, image id)."""
+    """Unique images, clean; the evaluation corruption is applied to the whole batch in `_CorruptingCollate`."""
 
-    def __init__(self, store: _ImageStore, spec: dict | None, seed: int) -> None:
-        self.store, self.spec, self.seed = store, spec, seed
+    def __init__(self, store: _ImageStore) -> None:
+        self.store = store
 
     def __len__(self) -> int:
         return len(self.store)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        image = self.store.get(i)
+        return {"image": self.store.get(i), "image_index": i, "image_id": self.store.split.image_ids[i]}
+
+
+class _CorruptingCollate:
+    """Stack unique images and corrupt the batch in one call, deterministic per (seed, image id) as one image at a
+    time would be, and ~2x cheaper over the corruptions at 64 px (batched torch ops instead of per-image calls)."""
+
+    def __init__(self, spec: dict | None, seed: int) -> None:
+        self.spec, self.seed = spec, seed
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        images = torch.stack([b["image"] for b in batch])
         if self.spec is not None:
-            image = _corrupt_one(image, self.spec, self.seed, self.store.split.image_ids[i])
-        return {"image": image, "image_index": i}
+            from rcit_bench.data.corruptions import corrupt
 
-
-def _collate_images(batch: list[dict]) -> dict[str, torch.Tensor]:
-    return {"images": torch.stack([b["image"] for b in batch]),
-            "image_index": torch.tensor([b["image_index"] for b in batch], dtype=torch.long)}
+            images = corrupt(images, self.spec["name"], severity=self.spec.get("severity"),
+                             rate=self.spec.get("rate"), seed=int(self.seed),
+                             image_ids=[int(b["image_id"]) for b in batch])
+        return {"images": images, "image_index": torch.tensor([b["image_index"] for b in batch], dtype=torch.long)}
 
 
 class _CaptionDataset(Dataset):
@@ -472,8 +482,8 @@ class RetrievalDataModule(L.LightningDataModule):
             spec = _validate_corruption(corruption, severity, rate, "corruption", "corruption")
         elif severity is not None or rate is not None:
             raise ValueError(f"`severity`/`rate` given ({severity!r}/{rate!r}) without a `corruption` name.")
-        return self._loader(_ImageDataset(self._store(split), spec, self.eval_seed), self.eval_batch_size,
-                            _Collate(_collate_images))
+        return self._loader(_ImageDataset(self._store(split)), self.eval_batch_size,
+                            _CorruptingCollate(spec, self.eval_seed))
 
     def caption_loader(self, split: str, perturbation: str | None = None, level: int | None = None) -> DataLoader:
         """Captions of `split` as {tokens (B,L), lengths (B,), caption_index (B,)}, optionally perturbed."""
