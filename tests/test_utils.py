@@ -60,7 +60,6 @@ def test_stable_hash_is_stable_and_distinct():
 
 _HEAP_PROBE = """
 import ctypes, json, sys
-import torch
 from rcit_bench.utils import allocator_note, keep_freed_memory
 
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
@@ -74,8 +73,10 @@ class Mallinfo2(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Mallinfo2
-blocks = [torch.ones(5_000_000) for _ in range(3)]  # three live 20 MB tensors, as a corruption's op chain has
-del blocks
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+blocks = [libc.malloc(20_000_000) for _ in range(3)]  # three live 20 MB blocks, as a corruption's tensors are
+for b in blocks:
+    libc.free(b)
 print(json.dumps({"applied": applied, "free_heap": libc.mallinfo2().fordblks, "note": allocator_note()}))
 """
 
