@@ -944,34 +944,30 @@ def _elastic_transform(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
 
 
-def _box_down(x: Tensor, n: int) -> Tensor:
-    """PIL's BOX downscale of dim -2 to n: output i averages the inputs whose centres lie in [i s, (i + 1) s),
-    s = size / n. Those runs hold k or k + 1 inputs: k shifted row slices summed, plus one extra row."""
-    size = x.shape[-2]
-    bounds = torch.ceil(torch.arange(n + 1, dtype=torch.float64) * (size / n) - 0.5).long().clamp_(0, size)
-    starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
-    k = int(counts.min())
-    dev = x.device
-    sums = x.index_select(-2, starts.to(dev))  # pick the n runs' rows first: less traffic than full-size sums
-    for t in range(1, k):
-        sums += x.index_select(-2, (starts + t).to(dev))
-    last = x.index_select(-2, (starts + k).clamp_(max=size - 1).to(dev))
-    extra = (counts > k).to(dev, x.dtype).view(-1, 1)
-    return sums.addcmul_(last, extra).div_(counts.to(dev, x.dtype).view(-1, 1))
+def _box_rows(x: Tensor, n: int) -> Tensor:
+    """PIL's BOX downscale of the rows of x (P, S, W) to n: output i averages the rows whose centres lie in
+    [i s, (i + 1) s), s = S / n. Runs of consecutive rows: one embedding_bag (mean) over all P * S rows, 2-3x
+    faster than gathering and summing the runs' rows one offset at a time."""
+    p, size, w = x.shape
+    starts = torch.ceil(torch.arange(n, dtype=torch.float64) * (size / n) - 0.5).long().clamp_(0, size)
+    offsets = (torch.arange(p)[:, None] * size + starts[None]).reshape(-1).to(x.device)
+    rows = torch.arange(p * size, device=x.device)
+    return F.embedding_bag(rows, x.reshape(p * size, w), offsets, mode="mean").view(p, n, w)
 
 
 def _pixelate(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
     """As the reference (PIL): BOX down to c of the 224 px reference size, NEAREST (centre-aligned) back up;
     the identity when that is not smaller."""
     c = _PIXELATE[s]
-    h, w = x.shape[-2:]
+    b, ch, h, w = x.shape
     rh, rw = _ref_size(x)
     th, tw = min(h, max(1, int(rh * c))), min(w, max(1, int(rw * c)))
     if (th, tw) == (h, w):
         return x.clone()
-    small = _box_down(x, th)  # rows, then columns (transposed: slicing rows is the fast direction)
-    small = _box_down(small.transpose(-1, -2).contiguous(), tw).transpose(-1, -2)
-    return F.interpolate(small, size=(h, w), mode="nearest-exact")  # = PIL NEAREST
+    small = _box_rows(x.reshape(b * ch, h, w), th)  # rows, then columns (transposed: rows are the fast direction)
+    small = _box_rows(small.transpose(1, 2).contiguous(), tw).transpose(1, 2).contiguous()  # (P, th, tw)
+    # nearest-exact = PIL NEAREST; a contiguous (small) input makes it ~1.5x faster than a transposed one
+    return F.interpolate(small.view(b, ch, th, tw), size=(h, w), mode="nearest-exact")
 
 
 def _jpeg_compression(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
@@ -1013,7 +1009,8 @@ _CORRUPTIONS: dict[str, Callable[[Tensor, int, list[torch.Generator]], Tensor]] 
     "jpeg_compression": _jpeg_compression,
 }
 _COLOUR = frozenset({"brightness", "saturate", "snow", "frost", "spatter"})
-_IN_RANGE = frozenset({"impulse_noise", "jpeg_compression"})  # values x, 0, 1 or k / 255: no clamp pass
+# values x, 0, 1, k / 255, or means of inputs in [0, 1] (rounded sums of values <= 1 stay <= their count): no clamp
+_IN_RANGE = frozenset({"impulse_noise", "jpeg_compression", "pixelate"})
 _DETERMINISTIC = frozenset({  # no random numbers: skip making generators
     "gaussian_blur", "defocus_blur", "zoom_blur", "brightness", "contrast", "saturate", "pixelate", "jpeg_compression"
 })
