@@ -102,7 +102,7 @@ def keep_freed_memory(trim_mb: int = 512, mmap_mb: int = 64) -> bool:
     Why: torch's CPU allocator caches nothing, and by default glibc hands a freed heap top back to the kernel
     once it exceeds twice the largest block freed so far. An op chain with several live 10 MB tensors then
     page-faults all of its memory in again on every call; on virtual machines, where a fault costs several
-    microseconds, that made batched corruptions 2-4x slower (`benchmarks/corruption_speed.py
+    microseconds, that made some batched corruptions 2-3x slower in some runs (`benchmarks/corruption_speed.py
     --system-malloc` shows it). Same idea as the jemalloc/tcmalloc advice for PyTorch on CPU, without a
     preload. The `rcit-bench` command and the data loader workers call it; library users may too.
 
