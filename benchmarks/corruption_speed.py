@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 import types
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from rcit_bench.data.corruptions import RATE_CORRUPTIONS, corrupt, list_corruptions
-from rcit_bench.utils import allocator_note, cpu_model, keep_freed_memory
+from rcit_bench.utils import keep_freed_memory, machine_header
 
 
 def sample_batch(n: int = 16, size: int = 224) -> torch.Tensor:
@@ -156,15 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     arrays = [(im.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for im in x]
     ic = "skipped" if args.no_ic else _import_imagecorruptions()
 
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# Corruption throughput, {args.batch} images of 224 px, severity {args.severity} (rate 0.6 for RCIT modes)")
-    print(f"command: python {' '.join(['benchmarks/corruption_speed.py'] + sys.argv[1:] if argv is None else argv)}")
-    print(
-        f"machine: {platform.system()} {dev}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), numpy {np.__version__}, device {args.device}, "
-        f"{allocator_note()}, load average {load:.1f} at start"
-    )
+    print(machine_header(args.device))
+    print(f"# numpy {np.__version__}, load average {load:.1f} at start")
     print()
     print("| corruption | rcit-bench img/s | imagecorruptions img/s | speedup |")
     print("|---|---:|---:|---:|")

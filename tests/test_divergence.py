@@ -14,9 +14,8 @@ import torch
 from rcit_bench.bench import results as R
 from rcit_bench.bench import runner as RN
 from rcit_bench.bench.spec import validate_spec
-
-TINY = {"model": {"image_encoder": {"name": "small_cnn", "input_size": 32},
-                  "text_encoder": {"name": "gru", "word_dim": 32}, "embed_dim": 32}}
+from tiny_specs import TINY_MODEL as TINY
+from tiny_specs import tiny_dataset, tiny_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -33,13 +32,10 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_nan_loss_fails_that_entry_only_and_board_shows_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = validate_spec({
         "name": "diverge",
-        "dataset": {"kind": "synthetic", "options": {
-            "root": str(tmp_path / "data"), "image_size": 32, "n_train": 48, "n_val": 16, "n_test": 16,
-            "batch_size": 16, "eval_batch_size": 16, "num_workers": 0}},
+        "dataset": tiny_dataset(tmp_path / "data"),
         "seeds": [0],
         "baseline": "good",
-        "trainer": {"max_epochs": 1, "limit_train_batches": 3, "enable_progress_bar": False,
-                    "num_sanity_val_steps": 0, "accelerator": "cpu", "log_every_n_steps": 1},
+        "trainer": tiny_trainer(max_epochs=1),
         "entries": [{"id": "bad", "method": "vsepp", "regime": "clean", "overrides": TINY},
                     {"id": "good", "method": "vsepp", "regime": "clean", "overrides": TINY}],
         "evaluation": {"clean": True, "imagenet_c": {"corruptions": ["gaussian_noise"], "severities": [3]}},

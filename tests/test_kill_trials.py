@@ -34,27 +34,24 @@ import torch
 import yaml
 
 from rcit_bench.bench import results as R
+from tiny_specs import TINY_MODEL as TINY
+from tiny_specs import tiny_dataset, tiny_trainer
 
 ENTRIES = ("vsepp_clean", "rcit")
 CELLS = ("clean", "ic-gaussian_noise-s3", "rcit-salt_pepper-r0.6", "text-char_typo-l2")
 SEED = 6  # issue #6
 RUN_TIMEOUT_S = 120.0
 
-TINY = {"model": {"image_encoder": {"name": "small_cnn", "input_size": 32},
-                  "text_encoder": {"name": "gru", "word_dim": 32}, "embed_dim": 32}}
 
 
 def _spec(root: Path) -> dict[str, Any]:
     return {
         "name": "tiny",
         "description": "kill trials",
-        "dataset": {"kind": "synthetic", "options": {
-            "root": str(root / "data"), "image_size": 32, "n_train": 48, "n_val": 16, "n_test": 16,
-            "batch_size": 16, "eval_batch_size": 16, "num_workers": 0}},
+        "dataset": tiny_dataset(root / "data"),
         "seeds": [0],
         "baseline": "vsepp_clean",
-        "trainer": {"max_epochs": 2, "limit_train_batches": 3, "log_every_n_steps": 1, "enable_progress_bar": False,
-                    "num_sanity_val_steps": 0, "accelerator": "cpu"},
+        "trainer": tiny_trainer(max_epochs=2),
         "entries": [
             {"id": "vsepp_clean", "method": "vsepp", "regime": "clean", "overrides": TINY},
             {"id": "rcit", "method": "rcit", "regime": "paired", "overrides": TINY,

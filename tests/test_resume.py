@@ -18,6 +18,7 @@ import torch
 from rcit_bench.bench import runner as RN
 from rcit_bench.bench.spec import validate_spec
 from rcit_bench.bench.wandb_log import WandbRun
+from tiny_specs import tiny_dataset, tiny_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -38,12 +39,9 @@ def _one_thread() -> Any:
 def _spec(root: Path, method: str, overrides: dict[str, Any]) -> Any:
     return validate_spec({
         "name": "resume",
-        "dataset": {"kind": "synthetic", "options": {
-            "root": str(root), "image_size": 32, "n_train": 48, "n_val": 16, "n_test": 16, "batch_size": 16,
-            "eval_batch_size": 16, "num_workers": 0}},
+        "dataset": tiny_dataset(root),
         "seeds": [0],
-        "trainer": {"max_epochs": 2, "limit_train_batches": 3, "enable_progress_bar": False,
-                    "num_sanity_val_steps": 0, "accelerator": "cpu", "log_every_n_steps": 1},
+        "trainer": tiny_trainer(max_epochs=2),
         "entries": [{"id": "e", "method": method, "regime": "clean", "overrides": overrides}],
         "evaluation": {"clean": True},
     })

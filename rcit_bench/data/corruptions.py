@@ -984,7 +984,7 @@ def _jpeg_compression(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
     decoded = [decode_jpeg(encode_jpeg(torch.from_numpy(im).permute(2, 0, 1), quality=_JPEG[s])) for im in hwc]
     out = torch.from_numpy(np.stack([t.permute(1, 2, 0).numpy() for t in decoded]))
     out = out.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
-    return out.to(x.device, dtype=x.dtype)
+    return out.to(x.device)
 
 
 _CORRUPTIONS: dict[str, Callable[[Tensor, int, list[torch.Generator]], Tensor]] = {

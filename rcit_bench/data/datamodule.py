@@ -73,12 +73,18 @@ def collate_text(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return out, lengths
 
 
-def _corrupt_one(image: torch.Tensor, spec: dict, seed: int, image_id: int) -> torch.Tensor:
-    """Corrupt a single (3, H, W) image; RNG from (seed, name, level, image id) inside `corrupt`."""
+def _corrupt(images: torch.Tensor, spec: dict, seed: int, image_ids: Sequence[int]) -> torch.Tensor:
+    """Corrupt a (B, 3, H, W) batch as `spec` says; RNG from (seed, name, level, image id) inside `corrupt`, so
+    each image's pixels do not depend on the batch it is in."""
     from rcit_bench.data.corruptions import corrupt
 
-    return corrupt(image[None], spec["name"], severity=spec.get("severity"), rate=spec.get("rate"),
-                   seed=int(seed), image_ids=[int(image_id)])[0]
+    return corrupt(images, spec["name"], severity=spec.get("severity"), rate=spec.get("rate"), seed=int(seed),
+                   image_ids=[int(i) for i in image_ids])
+
+
+def _corrupt_one(image: torch.Tensor, spec: dict, seed: int, image_id: int) -> torch.Tensor:
+    """Corrupt a single (3, H, W) image (training items each have their own noise seed)."""
+    return _corrupt(image[None], spec, seed, [image_id])[0]
 
 
 def _validate_corruption(name: str, severity: int | None, rate: float | None, where: str, arg: str) -> dict:
@@ -212,11 +218,7 @@ class _CorruptingCollate:
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         images = torch.stack([b["image"] for b in batch])
         if self.spec is not None:
-            from rcit_bench.data.corruptions import corrupt
-
-            images = corrupt(images, self.spec["name"], severity=self.spec.get("severity"),
-                             rate=self.spec.get("rate"), seed=int(self.seed),
-                             image_ids=[int(b["image_id"]) for b in batch])
+            images = _corrupt(images, self.spec, self.seed, [b["image_id"] for b in batch])
         return {"images": images, "image_index": torch.tensor([b["image_index"] for b in batch], dtype=torch.long)}
 
 
