@@ -81,7 +81,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from rcit_bench.bench.runner import run_spec
 
-    run_spec(
+    summary = run_spec(
         args.spec,
         results_dir=args.results_dir,
         force=args.force,
@@ -89,6 +89,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         only=args.only,
         leaderboard_dir=args.leaderboard_dir,
     )
+    if summary.failed:  # everything else was written; say where the reasons are, and fail the command
+        where = summary.leaderboard.parent / "results.csv" if summary.leaderboard else summary.results_dir
+        sys.stderr.write(f"rcit-bench bench: {summary.failed} cell(s) failed; the reasons are in the 'reason' "
+                         f"column of {where} and in the result files under {summary.results_dir}.\n")
+        return 1
     return 0
 
 

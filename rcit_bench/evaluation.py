@@ -11,13 +11,15 @@ stay on the model's device. Each returned dict also carries the item order it wa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["encode_images", "encode_texts", "cat_reps", "evaluate", "similarity_matrix"]
+__all__ = ["encode_images", "encode_texts", "cat_reps", "evaluate", "evaluate_ranks", "CellEvaluation",
+           "similarity_matrix"]
 
 _INDEX_KEYS = ("image_index", "caption_index")
 
@@ -96,6 +98,25 @@ def similarity_matrix(model: Any, image_reps: dict[str, Tensor], text_reps: dict
     return model.similarity(_strip(image_reps), _strip(text_reps))
 
 
+@dataclass
+class CellEvaluation:
+    """What one evaluation produced: the metrics, and the per-query ranks they came from (kept so that
+    intervals, paired comparisons and later metrics need no model), with the queries tied at their positive."""
+
+    metrics: dict[str, float]
+    ranks_i2t: Tensor  # (N_img,) 1-based
+    ranks_t2i: Tensor  # (N_cap,) 1-based
+    ties_i2t: Tensor  # (N_img,) bool: a non-matching caption scored exactly as the image's best caption
+    ties_t2i: Tensor  # (N_cap,) bool: another image scored exactly as the caption's own image
+    caption_to_image: Tensor  # (N_cap,) positions of each caption's image in the rank arrays
+    image_change: dict[str, Any] | None = None  # how far the test images moved (set by the runner)
+
+    def tie_counts(self) -> dict[str, int]:
+        """Queries with a tie at their positive, per direction, and the number of queries."""
+        return {"i2t": int(self.ties_i2t.sum()), "t2i": int(self.ties_t2i.sum()),
+                "i2t_queries": int(self.ties_i2t.numel()), "t2i_queries": int(self.ties_t2i.numel())}
+
+
 def evaluate(
     model: Any,
     image_loader: Iterable[dict[str, Tensor]] | dict[str, Tensor],
@@ -111,7 +132,19 @@ def evaluate(
     only the captions present in `text_reps` (by ``caption_index``) and images present in the loader
     (by ``image_index``) are used. ``coco_1k=True`` adds the 5-fold 1K metrics as ``1k_<key>``.
     """
-    from rcit_bench.metrics import retrieval_metrics
+    return evaluate_ranks(model, image_loader, text_reps, caption_to_image, coco_1k=coco_1k).metrics
+
+
+def evaluate_ranks(
+    model: Any,
+    image_loader: Iterable[dict[str, Tensor]] | dict[str, Tensor],
+    text_reps: dict[str, Tensor],
+    caption_to_image: Tensor,
+    *,
+    coco_1k: bool = False,
+) -> CellEvaluation:
+    """As :func:`evaluate`, returning the per-query ranks and tie flags with the metrics."""
+    from rcit_bench.metrics import compute_ranks, metrics_from_ranks
 
     image_reps = image_loader if isinstance(image_loader, dict) else encode_images(model, image_loader)
     c2i = torch.as_tensor(caption_to_image).long()
@@ -131,9 +164,11 @@ def evaluate(
     sims = similarity_matrix(model, image_reps, text_reps).float().cpu()
     if sims.shape[1] != len(c2i):
         raise ValueError(f"Similarity has {sims.shape[1]} captions but `caption_to_image` has {len(c2i)}.")
-    metrics = {k: float(v) for k, v in retrieval_metrics(sims, c2i.cpu()).items()}
+    c2i = c2i.cpu()
+    r_i2t, r_t2i, tie_i2t, tie_t2i = compute_ranks(sims, c2i, return_ties=True)
+    metrics = {k: float(v) for k, v in metrics_from_ranks(r_i2t, r_t2i).items()}
     if coco_1k:
         from rcit_bench.metrics import coco_1k_metrics
 
-        metrics.update({f"1k_{k}": float(v) for k, v in coco_1k_metrics(sims, c2i.cpu()).items()})
-    return metrics
+        metrics.update({f"1k_{k}": float(v) for k, v in coco_1k_metrics(sims, c2i).items()})
+    return CellEvaluation(metrics, r_i2t, r_t2i, tie_i2t, tie_t2i, c2i)

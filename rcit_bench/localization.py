@@ -4,6 +4,8 @@ Used with methods that expose ``localize_batch`` / ``localize`` (``matchmap``), 
 whose annotations link caption words to object boxes. A query is one (caption, word, object box); it is
 a hit when the argmax pixel of the word's heatmap (upsampled to the image size) lies in the box. Clean
 and corrupted images go through the same path, so localization robustness is measured like retrieval.
+Two chance baselines over the same queries (always the centre pixel; a uniformly random pixel) tell how
+much of the accuracy the boxes' sizes and positions alone would give.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["pointing_hits", "pointing_game"]
+__all__ = ["pointing_hits", "pointing_chance", "pointing_game"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,29 @@ def pointing_hits(heatmaps: Tensor, pair: Tensor, rows: Tensor, boxes: Tensor) -
     cx = (flat % w).to(cy.dtype) + 0.5
     b = boxes.to(cy.dtype)
     return (cx >= b[:, 0]) & (cx < b[:, 2]) & (cy >= b[:, 1]) & (cy < b[:, 3])
+
+
+def _inside(centres: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """(K, N) bool: pixel centres (N,) in [lo, hi) of each query (K,), the rule of `pointing_hits`."""
+    return (centres[None] >= lo[:, None]) & (centres[None] < hi[:, None])
+
+
+def pointing_chance(boxes: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Chance baselines of the pointing game for each query, on an (H, W) heatmap grid.
+
+    boxes (K, 4): ``[x0, y0, x1, y1]`` in the heatmap's pixels, as in `pointing_hits` (same inside rule:
+    pixel (y, x) is inside when its centre ``(x+.5, y+.5)`` is in the box).
+    Returns ``(centre, random)``: bool (K,), whether the centre pixel ``(H // 2, W // 2)`` is inside, and
+    float (K,), the probability that a uniformly random pixel is, i.e. (pixels inside the box) / (H W).
+    """
+    h, w = (int(v) for v in size)
+    dtype = boxes.dtype if boxes.is_floating_point() else torch.float32
+    b = boxes.to(dtype)
+    cx, cy = torch.tensor(w // 2 + 0.5, dtype=dtype), torch.tensor(h // 2 + 0.5, dtype=dtype)
+    centre = (cx >= b[:, 0]) & (cx < b[:, 2]) & (cy >= b[:, 1]) & (cy < b[:, 3])
+    cols = _inside(torch.arange(w, dtype=dtype) + 0.5, b[:, 0], b[:, 2]).sum(1)  # (K,) columns inside
+    rows = _inside(torch.arange(h, dtype=dtype) + 0.5, b[:, 1], b[:, 3]).sum(1)
+    return centre, (cols * rows).double() / (h * w)
 
 
 def _load_annotations(annotations: Any, split: Any) -> list[dict]:
@@ -112,7 +137,14 @@ def pointing_game(
     batch_size: int = 64,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Pointing-game accuracy of `model` on (optionally corrupted) images: ``{accuracy (percent), n}``.
+    """Pointing-game accuracy of `model` on (optionally corrupted) images, in percent over ``n`` queries:
+    ``{accuracy, centre_accuracy, random_accuracy, n}``.
+
+    centre_accuracy: the hit rate of always pointing at the centre pixel ``(H // 2, W // 2)`` of the heatmap
+      grid; random_accuracy: the expected hit rate of a uniformly random pixel, the mean over queries of
+      (pixels inside the box) / (H W). Both use the same queries, boxes and pixel-inside rule as the model's
+      hits (see `pointing_hits`, `pointing_chance`), so accuracy is only meaningful above them. They do not
+      depend on the corruption.
 
     data: a RetrievalDataModule (its ``image_loader`` applies the corruption, seeded per image like the
       retrieval evaluation, and its ``vocab`` encodes the captions) or a CaptionSplit (then pass `vocab`;
@@ -135,7 +167,8 @@ def pointing_game(
     queries = _queries(cap_split, _load_annotations(annotations, cap_split))
     model.eval()
     device = next(model.parameters()).device
-    hits = total = 0
+    hits = total = centre_hits = 0
+    random_hits = 0.0
     for images, image_index in _image_batches(data, split, cap_split, corruption, severity, rate, batch_size, seed):
         pairs: list[tuple[int, int]] = []  # (row in images, caption index)
         q_pair, q_row, q_box = [], [], []
@@ -168,8 +201,16 @@ def pointing_game(
             heat = model.localize_batch(images[rows].to(device), tokens.to(device), lengths.to(device))
             sel = (q_pair_t >= start) & (q_pair_t < start + len(chunk))
             h = pointing_hits(heat.float().cpu(), q_pair_t[sel] - start, q_row_t[sel], q_box_t[sel])
+            centre, random = pointing_chance(q_box_t[sel], tuple(heat.shape[-2:]))
             hits += int(h.sum())
+            centre_hits += int(centre.sum())
+            random_hits += float(random.sum())
             total += int(sel.sum())
     if total == 0:
         log.warning("pointing game: no annotated words found in split %r", split)
-    return {"accuracy": 100.0 * hits / total if total else float("nan"), "n": total}
+
+    def pct(v: float) -> float:
+        return 100.0 * v / total if total else float("nan")
+
+    return {"accuracy": pct(hits), "centre_accuracy": pct(centre_hits), "random_accuracy": pct(random_hits),
+            "n": total}

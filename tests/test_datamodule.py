@@ -222,3 +222,59 @@ def test_lightning_sets_epochs_on_the_sampler(synth_root):
     trainer.fit(probe, datamodule=_dm(synth_root))
     assert len(probe.seen[0]) == len(probe.seen[1]) == 16
     assert probe.seen[0] != probe.seen[1]
+
+
+# ---- corruption_scaling ----
+
+SIZES64 = dict(n_train=8, n_val=2, n_test=4, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def synth64_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth64")
+    RetrievalDataModule("synthetic", root, **SIZES64).prepare_data()
+    return root
+
+
+def _dm64(root, **kw):
+    return RetrievalDataModule("synthetic", root, **{**SIZES64, "batch_size": 4, "eval_batch_size": 3, **kw})
+
+
+def test_corruption_scaling_reaches_the_eval_image_loader(synth64_root):
+    clean = torch.cat([b["images"] for b in _dm64(synth64_root).image_loader("test")])
+    split = _dm64(synth64_root).split("test")
+    for scaling in ("image", "published"):
+        dm = _dm64(synth64_root, eval_seed=2, corruption_scaling=scaling)
+        assert dm.corruption_scaling == scaling and dm.hparams.corruption_scaling == scaling
+        got = torch.cat([b["images"] for b in dm.image_loader("test", "pixelate", severity=1)])
+        ref = corrupt(clean, "pixelate", severity=1, seed=2, image_ids=split.image_ids, scaling=scaling)
+        assert torch.equal(got, ref), scaling
+        if scaling == "image":
+            assert torch.equal(got, clean)  # the 224 px reference scaling: pixelate s1 is the identity at 64 px
+        else:
+            assert not torch.equal(got, clean)
+    default = torch.cat([b["images"] for b in _dm64(synth64_root).image_loader("test", "pixelate", severity=1)])
+    assert torch.equal(default, clean)  # the default is 'image'
+
+
+@pytest.mark.parametrize("mode", ["augment", "paired"])
+def test_corruption_scaling_reaches_training_corruptions(synth64_root, mode):
+    mix = [{"name": "defocus_blur", "severity": 1}]  # at 64 px the identity in 'image' scaling (radius < 1 px)
+    key = "corrupted_images" if mode == "paired" else "images"
+    batches = {}
+    for scaling in ("image", "published"):
+        dm = _dm64(synth64_root, train_corruption=mode, corruption_mix=mix, augment_fraction=1.0,
+                   corruption_scaling=scaling)
+        batches[scaling] = next(iter(dm.train_dataloader()))
+    clean = torch.stack([_dm64(synth64_root)._store("train").get(int(i)) for i in batches["image"]["image_index"]])
+    assert torch.equal(batches["image"]["image_index"], batches["published"]["image_index"])
+    assert torch.allclose(batches["image"][key], clean, atol=1e-6)
+    assert (batches["published"][key] - clean).abs().amax() > 0.05
+
+
+def test_corruption_scaling_bad_value(tmp_path):
+    with pytest.raises(ValueError, match=r"Argument `corruption_scaling` must be one of 'image', 'published', "
+                                         r"but got 'publshed'.*Did you mean 'published'"):
+        RetrievalDataModule("synthetic", tmp_path, corruption_scaling="publshed")
+    with pytest.raises(ValueError, match=r"Argument `corruption_scaling`"):
+        RetrievalDataModule("synthetic", tmp_path, corruption_scaling=None)

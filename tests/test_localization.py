@@ -88,7 +88,7 @@ def test_pointing_hits_hand_cases() -> None:
 def test_pointing_game_matches_hand_count(pairs_per_batch: int) -> None:
     model = PlantedModel(VOCAB, PEAKS)
     out = pointing_game(model, _split(ANNS), vocab=VOCAB, pairs_per_batch=pairs_per_batch, batch_size=2)
-    assert out == {"accuracy": 75.0, "n": 4}
+    assert out == {"accuracy": 75.0, "centre_accuracy": 75.0, "random_accuracy": 25.0, "n": 4}
     assert max(model.calls) <= pairs_per_batch and sum(model.calls) == 3  # one heatmap stack per caption
 
 
@@ -96,7 +96,7 @@ def test_pointing_game_reads_annotation_file_by_image_id(tmp_path) -> None:
     path = tmp_path / "annotations_synthetic.json"
     path.write_text(json.dumps({"images": list(reversed(ANNS))}))  # order differs from the split
     out = pointing_game(PlantedModel(VOCAB, PEAKS), _split(), annotations=str(path), vocab=VOCAB)
-    assert out == {"accuracy": 75.0, "n": 4}
+    assert out == {"accuracy": 75.0, "centre_accuracy": 75.0, "random_accuracy": 25.0, "n": 4}
     with pytest.raises(FileNotFoundError, match="annotations"):
         pointing_game(PlantedModel(VOCAB, PEAKS), _split(), annotations=str(tmp_path / "missing.json"), vocab=VOCAB)
 
@@ -120,5 +120,5 @@ def test_pointing_game_corrupted_path_changes_images_not_queries() -> None:
 
     clean = pointing_game(Recording(VOCAB, PEAKS), _split(ANNS), vocab=VOCAB)
     noisy = pointing_game(Recording(VOCAB, PEAKS), _split(ANNS), vocab=VOCAB, corruption="gaussian_noise", severity=5)
-    assert clean == noisy == {"accuracy": 75.0, "n": 4}  # planted peaks ignore pixels
+    assert clean == noisy == {"accuracy": 75.0, "centre_accuracy": 75.0, "random_accuracy": 25.0, "n": 4}  # planted peaks ignore pixels
     assert not torch.equal(seen[0], seen[1])  # but the model saw corrupted pixels

@@ -143,3 +143,63 @@ def test_localize_rejects_non_square_grid(monkeypatch) -> None:
     monkeypatch.setattr(model, "encode_image", lambda images: {"local": torch.randn(1, 6, 32)})
     with pytest.raises(ValueError, match="square grid"):
         model.localize(torch.rand(3, 32, 32), torch.tensor([1, 5, 2]))
+
+
+# ---- pointing game chance baselines ----
+
+
+def test_pointing_chance_hand_values_and_consistency_with_hits() -> None:
+    from rcit_bench.localization import pointing_chance, pointing_hits
+
+    h, w = 5, 7  # not square: the centre pixel is (y=2, x=3), its centre (x, y) = (3.5, 2.5)
+    boxes = torch.tensor([
+        [3.0, 2.0, 4.0, 3.0],  # exactly the centre pixel: 1 x 1 pixels
+        [0.0, 0.0, 3.5, 2.5],  # x1 = 3.5 excludes the centre (open edge); x in {0,1,2}, y in {0,1}: 6 px
+        [0.6, 0.0, 7.0, 5.0],  # x0 = .6 drops column 0: 6 x 5 px
+        [-2.0, -2.0, 0.5, 0.5],  # no pixel centre inside
+        [2.0, 3.0, 5.0, 4.0],  # x in {2,3,4}, y = 3: misses the centre (would hit with H and W swapped)
+        [-1.0, -1.0, 10.0, 10.0],  # the whole grid
+    ])
+    centre, rand = pointing_chance(boxes, (h, w))
+    assert centre.tolist() == [True, False, True, False, False, True]
+    assert rand.tolist() == pytest.approx([1 / 35, 6 / 35, 30 / 35, 0.0, 3 / 35, 1.0], abs=1e-12)
+    # the same rule as the model's hits: a heatmap peaking at the centre pixel, or at each pixel in turn
+    k = len(boxes)
+    peak = torch.zeros(1, 1, h, w)
+    peak[0, 0, h // 2, w // 2] = 1.0
+    zeros = torch.zeros(k, dtype=torch.long)
+    assert torch.equal(pointing_hits(peak, zeros, zeros, boxes), centre)
+    every = torch.eye(h * w).view(h * w, 1, h, w)  # pair p peaks at pixel p
+    count = sum(pointing_hits(every, torch.full((k,), p), zeros, boxes).double() for p in range(h * w))
+    assert torch.equal(count / (h * w), rand)
+
+
+def test_pointing_game_returns_chance_baselines_on_tiny_matchmap() -> None:
+    from rcit_bench.data.captions import CaptionSplit
+    from rcit_bench.localization import pointing_game
+
+    class WordVocab:  # one id per word, <start>=1, <end>=2, inside the tiny model's 40 ids
+        ids = {w: i + 4 for i, w in enumerate(["red", "blue", "a", "big", "green"])}
+
+        def encode(self, tokens: list[str]) -> list[int]:
+            return [1] + [self.ids[t] for t in tokens] + [2]
+
+    size = 32
+    tokens = [["red", "blue"], ["a", "big", "blue"], ["green"]]
+    g = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(2, 3, size, size, generator=g) * 255).to(torch.uint8)
+    anns = [
+        {"objects": [{"box": [0, 0, 16, 16]}, {"box": [8, 8, 24, 20]}],
+         "captions": [{"word_objects": [[0, 0], [1, 1]]}, {"word_objects": [[2, 1]]}]},
+        {"objects": [{"box": [17, 0, 32, 32]}], "captions": [{"word_objects": [[0, 0]]}]},
+    ]
+    split = CaptionSplit(image_ids=[10, 11], captions=[" ".join(t) for t in tokens], tokens=tokens,
+                         caption_to_image=[0, 0, 1], source=lambda i, size=None: pixels[i], annotations=anns,
+                         name="tiny/test")
+    out = pointing_game(_model(), split, vocab=WordVocab(), batch_size=2)
+    assert set(out) == {"accuracy", "centre_accuracy", "random_accuracy", "n"}
+    assert out["n"] == 4 and 0.0 <= out["accuracy"] <= 100.0
+    # centre pixel (16, 16), centre (16.5, 16.5): outside [0, 16)^2, inside [8, 24) x [8, 20) twice, outside
+    # x in [17, 32): 2 of 4. Pixels inside: 256, 192 (twice), 15 * 32 = 480 of 1024 each
+    assert out["centre_accuracy"] == pytest.approx(50.0)
+    assert out["random_accuracy"] == pytest.approx(100.0 * (256 + 192 + 192 + 480) / 1024 / 4)

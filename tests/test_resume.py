@@ -65,7 +65,7 @@ def _train(spec: Any, rd: Path, max_epochs: int) -> tuple[list[tuple], dict[str,
 
     model.training_step = recording_step
     tkw = {**RN.trainer_kwargs(spec, entry, cfg), "max_epochs": max_epochs}
-    best = RN.train(model, dm, rd, 0, tkw, WandbRun(enabled=False, run_id="x", name="x", save_dir=rd))
+    best = RN.train(model, dm, rd, 0, tkw, WandbRun(enabled=False, run_id="x", name="x", save_dir=rd)).checkpoint
     assert Path(best) == rd / "checkpoints" / "best.ckpt"
     return steps, torch.load(rd / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
@@ -116,6 +116,11 @@ def test_resume_continues_the_same_optimisation(method: str, tmp_path: Path) -> 
     _assert_equal(resumed["state_dict"], straight["state_dict"], "state_dict")
     _assert_equal(resumed["optimizer_states"], straight["optimizer_states"], "optimizer_states")
     _assert_equal(resumed["lr_schedulers"], straight["lr_schedulers"], "lr_schedulers")
+    # the budget counters and the validation curve survive the interruption (wall time aside)
+    meter = {k: {n: v for n, v in ck["callbacks"]["BudgetMeter"].items() if n != "wall_s"}
+             for k, ck in (("resumed", resumed), ("straight", straight))}
+    assert meter["resumed"] == meter["straight"]
+    assert meter["straight"]["pairs"] == 2 * 3 * 16 and [c["epoch"] for c in meter["straight"]["curve"]] == [0, 1]
     adam = resumed["optimizer_states"][0]["state"]
     assert adam and all(float(s["step"]) == 6 and s["exp_avg"].abs().sum() > 0 for s in adam.values())
 

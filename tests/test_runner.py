@@ -31,7 +31,8 @@ class Fakes:
         self.evaluated: list[tuple[str, str]] = []
         fakes = self
 
-        def fake_train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict, wb: Any) -> str:
+        def fake_train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict, wb: Any,
+                       early_stopping: Any = None) -> RN.TrainResult:
             entry = rd.parent.name
             fakes.trained.append(entry)
             if entry in diverge:
@@ -39,7 +40,7 @@ class Fakes:
             path = rd / "checkpoints" / "best.ckpt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("weights")
-            return str(path)
+            return RN.TrainResult(str(path), {"epochs": 1, "optimizer_steps": 3})
 
         class FakeEvaluator:
             def __init__(self, model: Any, dm: Any, seed: int, **kw: Any) -> None:

@@ -194,6 +194,63 @@ def test_autograd_path_equals_inplace_inference_path(fn):
     assert slow.requires_grad and torch.equal(slow.detach(), fast)
 
 
+@pytest.mark.parametrize("padding", ["zeros", "garbage"])
+@pytest.mark.parametrize("agg", ["lse", "mean"])
+@pytest.mark.parametrize("fn", [scan_i2t, scan_t2i], ids=["scan_i2t", "scan_t2i"])
+def test_gradients_on_padded_block_are_finite_and_equal_per_caption_loop(fn, agg, padding):
+    """Captions of different lengths in one block: padded words must not turn the gradients into NaN (the sqrt of
+    a zero norm has an infinite derivative), and the gradients equal those of each caption scored alone, unpadded."""
+    g = torch.Generator().manual_seed(12)
+    n, r, m, l_max, d = 4, 6, 5, 7, 8
+    regions = torch.randn(n, r, d, generator=g, dtype=torch.float64)
+    words = torch.randn(m, l_max, d, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([7, 2, 5, 1, 4])
+    for j, length in enumerate(lengths.tolist()):
+        words[j, length:] = 0.0 if padding == "zeros" else 30 * torch.randn(l_max - length, d, generator=g).double()
+    weights = torch.randn(n, m, generator=g, dtype=torch.float64)  # a loss that weighs every score differently
+
+    def grads(score_fn):
+        reg, wrd = regions.clone().requires_grad_(True), words.clone().requires_grad_(True)
+        (score_fn(reg, wrd) * weights).sum().backward()
+        return reg.grad, wrd.grad
+
+    block = grads(lambda reg, wrd: fn(reg, wrd, lengths, agg=agg))
+    loop = grads(lambda reg, wrd: torch.cat(
+        [fn(reg, wrd[j : j + 1, :length], lengths[j : j + 1], agg=agg) for j, length in enumerate(lengths.tolist())],
+        dim=1))  # fmt: skip
+    for got, want in zip(block, loop):
+        assert bool(torch.isfinite(got).all())
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert bool((block[1][3, 1:] == 0).all())  # padded words get no gradient
+
+
+@pytest.mark.parametrize("fn", [scan_i2t, scan_t2i], ids=["scan_i2t", "scan_t2i"])
+def test_zero_features_give_finite_gradients(fn):
+    """An all-zero image or caption makes the attended vectors' norms 0 (sqrt at 0 again); gradients stay finite."""
+    regions, words, lengths = _inputs(n=3, m=4, seed=13)
+    regions, words = regions.double(), words.double()
+    regions[0] = 0.0
+    words[2] = 0.0
+    regions.requires_grad_(True)
+    words.requires_grad_(True)
+    fn(regions, words, lengths).sum().backward()
+    assert bool(torch.isfinite(regions.grad).all()) and bool(torch.isfinite(words.grad).all())
+
+
+def test_l2norm_of_zero_vector_has_finite_gradient():
+    from rcit_bench.models.similarity import l2norm
+
+    x = torch.zeros(3, 4, dtype=torch.float64)
+    x[0] = torch.tensor([3.0, 0.0, 4.0, 0.0])
+    x.requires_grad_(True)
+    out = l2norm(x)
+    out.sum().backward()
+    assert bool(torch.isfinite(x.grad).all())
+    assert torch.equal(out.detach()[1:], torch.zeros(2, 4, dtype=torch.float64))  # zero vectors stay zero
+    with torch.no_grad():
+        assert torch.equal(l2norm(x.detach()), out.detach())  # in-place inference path: same values
+
+
 def test_chunked_scores_keeps_gradients():
     regions, words, lengths = _inputs(n=4, m=5, seed=8)
     regions.requires_grad_(True)

@@ -25,7 +25,8 @@ from rcit_bench.utils import atomic_write_bytes, atomic_write_text
 log = logging.getLogger(__name__)
 
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-CSV_METRICS = RECALLS + ("rsum", "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr", "accuracy")
+CSV_METRICS = RECALLS + ("rsum", "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr", "accuracy", "centre_accuracy",
+                         "random_accuracy")
 #: main-table summary columns -> higher is better
 SUMMARY_DIRECTION = {"mean_corrupted_rsum": True, "relative_robustness": True, "mmi": False, "mce": False}
 
@@ -148,6 +149,271 @@ class Board:
         return self.per_seed(entry, lambda es, s: es.cells[cell].metrics.get(key) if cell in es.cells else None)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# uncertainty: image-level cluster bootstrap from the stored per-query ranks
+
+#: A cell is flagged when more than this fraction of its queries (in either direction) tied at their positive.
+TIE_FLAG_FRACTION = 0.01
+TIE_MARK = "‡"
+UNCHANGED_MARK = "°"
+CAP_MARK = "⚠"
+
+
+class Resampler:
+    """Per-resample metric values of every stored cell, all drawn with the SAME resampled test images (one
+    multiplicity matrix per test-set size and seed 0), so any mean over cells or seeds and any difference of two
+    entries is a paired bootstrap: it reflects which test images were sampled, nothing else."""
+
+    def __init__(self, board: Board, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> None:
+        self.board, self.n, self.confidence, self.seed = board, n_resamples, confidence, seed
+        self._samples: dict[Path, dict[str, Any] | None] = {}
+
+    def samples(self, row: ResultRow) -> dict[str, Any] | None:
+        """metric key -> (n_resamples,) values of one result row, None without a ranks file."""
+        from rcit_bench.metrics import bootstrap_samples
+
+        if row.path not in self._samples:
+            ranks = row.ranks()
+            if ranks is None:
+                self._samples[row.path] = None
+            else:
+                import torch
+
+                self._samples[row.path] = bootstrap_samples(
+                    torch.from_numpy(ranks["i2t"]), torch.from_numpy(ranks["t2i"]),
+                    torch.from_numpy(ranks["caption_to_image"]), n_resamples=self.n, seed=self.seed)
+        return self._samples[row.path]
+
+    def _seed_values(self, entry: str, seed: int, cells: Sequence[str], key: str) -> tuple[float, Any] | None:
+        es = self.board.ok.get(entry, {}).get(seed)
+        if es is None or any(c not in es.cells for c in cells):
+            return None
+        points, draws = [], []
+        for c in cells:
+            smp = self.samples(es.cells[c])
+            if smp is None or key not in smp:
+                return None
+            points.append(es.cells[c].metrics[key])
+            draws.append(smp[key])
+        import torch
+
+        return sum(points) / len(points), torch.stack(draws).mean(0)
+
+    def values(self, entry: str, cells: Sequence[str], key: str = "rsum",
+               seeds: Sequence[int] | None = None) -> tuple[float, Any] | None:
+        """(point, per-resample values) of `key` averaged over `cells` and over the entry's seeds."""
+        seeds = sorted(self.board.ok.get(entry, {})) if seeds is None else list(seeds)
+        got = [v for s in seeds if (v := self._seed_values(entry, s, cells, key)) is not None]
+        if not seeds or len(got) != len(seeds):
+            return None
+        import torch
+
+        return sum(p for p, _ in got) / len(got), torch.stack([d for _, d in got]).mean(0)
+
+    def _bounds(self, draws: Any) -> tuple[float, float]:
+        import torch
+
+        alpha = (1.0 - self.confidence) / 2
+        q = torch.quantile(draws.double(), torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
+        return float(q[0]), float(q[1])
+
+    def interval(self, entry: str, cells: Sequence[str], key: str = "rsum") -> tuple[float, float, float] | None:
+        """(point, lo, hi): the percentile interval of `key` averaged over `cells` (and seeds)."""
+        v = self.values(entry, cells, key)
+        return None if v is None else (v[0], *self._bounds(v[1]))
+
+    def paired(self, a: str, b: str, cells: Sequence[str], key: str = "rsum") -> tuple[float, float, float] | None:
+        """(a - b, lo, hi) over the seeds both entries have, on the same resampled images."""
+        seeds = sorted(set(self.board.ok.get(a, {})) & set(self.board.ok.get(b, {})))
+        va, vb = self.values(a, cells, key, seeds), self.values(b, cells, key, seeds)
+        if va is None or vb is None:
+            return None
+        return (va[0] - vb[0], *self._bounds(va[1] - vb[1]))
+
+
+def _ci(point: float, lo: float, hi: float, digits: int = 1) -> str:
+    return f"{point:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def tie_fraction(row: ResultRow) -> float | None:
+    """The larger of the i2t and t2i fractions of queries tied at their positive, None when not recorded."""
+    t = row.record.get("ties")
+    if not t:
+        return None
+    return max(t["i2t"] / max(1, t["i2t_queries"]), t["t2i"] / max(1, t["t2i_queries"]))
+
+
+def _cell_marks(board: Board, entry: str, cells: Sequence[str]) -> str:
+    """Marks for a table value built from `cells`: ties above 1% of queries, images that barely changed."""
+    rows = [es.cells[c] for es in board.ok.get(entry, {}).values() for c in cells if c in es.cells]
+    marks = ""
+    if any((tie_fraction(r) or 0.0) > TIE_FLAG_FRACTION for r in rows):
+        marks += TIE_MARK
+    if any((r.record.get("image_change") or {}).get("barely_changed") for r in rows):
+        marks += UNCHANGED_MARK
+    return marks
+
+
+def _rsum_with_ci(board: Board, rs: Resampler, entry: str, cells: Sequence[str]) -> tuple[str, float | None]:
+    """'RSUM [lo, hi]' (mean ± std over seeds first when several), with the cell marks; and the mean."""
+    v = board.per_seed(entry, lambda es, s: (sum(es.cells[c].metrics["rsum"] for c in cells) / len(cells)
+                                             if all(c in es.cells for c in cells) else None))
+    if not v:
+        return "-", None
+    ci = rs.interval(entry, cells)
+    text = _fmt(v) + (f" [{ci[1]:.1f}, {ci[2]:.1f}]" if ci else "")
+    return text + _cell_marks(board, entry, cells), _mean_std(v)[0]
+
+
+def training_rows(board: Board) -> list[tuple[str, int, dict[str, Any]]]:
+    """(entry, seed, training section) of every trained (entry, seed) with results."""
+    out = []
+    for e in board.spec.entries:
+        for seed, es in sorted(board.ok.get(e.id, {}).items()):
+            tr = next((r.record.get("training") for r in es.cells.values() if r.record.get("training")), None)
+            if tr:
+                out.append((e.id, seed, tr))
+    return out
+
+
+def capped_while_improving(board: Board) -> list[str]:
+    return sorted({f"{e} (seed {s})" for e, s, tr in training_rows(board) if tr.get("still_improving")})
+
+
+def budget_table(board: Board) -> str:
+    """What each model was trained with: the same rule for all, and whether it plateaued or hit the cap."""
+    header = ["entry", "seed", "epochs", "optimizer steps", "pairs seen", "images encoded", "train time",
+              "best val epoch", "best val RSUM", "stopped by", "modality clf. acc. (val)", "config"]
+    rows = []
+    for eid, seed, tr in training_rows(board):
+        stop = tr.get("stop", "?")
+        if stop == "cap":
+            stop = f"**cap, still improving** {CAP_MARK}" if tr.get("still_improving") else "cap"
+        cap = [f"{k} {tr[k]}" for k in ("max_epochs", "max_steps") if tr.get(k) not in (None, -1)]
+        acc = tr.get("final_modality_acc")
+        cfg_hash = next((r.record.get("config_hash") for r in board.ok[eid][seed].cells.values()
+                         if r.record.get("config_hash")), "")
+        def num(key: str, fmt: str = "{:,}") -> str:  # a record of an older run may lack a field
+            return "-" if tr.get(key) is None else fmt.format(tr[key])
+
+        rows.append([eid, str(seed), num("epochs", "{}") + (f" ({', '.join(cap)})" if cap else ""),
+                     num("optimizer_steps"), num("pairs_seen"), num("images_encoded"),
+                     num("train_wall_time_s", "{:.0f} s"), num("best_epoch", "{}"), num("best_val_rsum", "{:.1f}"), stop,
+                     "-" if acc is None else f"{acc:.1f}%", f"`{cfg_hash[:10]}`" if cfg_hash else "-"])
+    return _md_table(header, rows)
+
+
+def plot_val_curves(board: Board, out_dir: Path) -> Path | None:
+    """Validation RSUM against epoch, one line per (entry, seed), the best epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = training_rows(board)
+    if not any(tr.get("val_curve") for _, _, tr in rows):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for eid, seed, tr in rows:
+        curve = tr.get("val_curve") or []
+        if not curve:
+            continue
+        xs, ys = [c["epoch"] + 1 for c in curve], [c["rsum"] for c in curve]
+        label = eid if len(board.spec.seeds) == 1 else f"{eid} s{seed}"
+        (line,) = ax.plot(xs, ys, marker=".", label=label)
+        if tr.get("best_epoch") is not None:
+            ax.plot([tr["best_epoch"]], [tr["best_val_rsum"]], marker="*", ms=11, color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation RSUM")
+    ax.set_title("Validation RSUM during training (* = best, the checkpoint evaluated)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = out_dir / "val_rsum_curves.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _verdict(rs: Resampler, claim: str, a: str, b: str, cells: Sequence[str]) -> str | None:
+    d = rs.paired(a, b, cells)
+    if d is None:
+        return None
+    diff, lo, hi = d
+    word = "**significant**" if lo > 0 or hi < 0 else "not significant"
+    return (f"- {claim}: `{a}` − `{b}` = {diff:+.1f} RSUM, 95% CI [{lo:+.1f}, {hi:+.1f}], {word}"
+            f"{' (' + ('higher' if diff > 0 else 'lower') + ')' if lo > 0 or hi < 0 else ''}.")
+
+
+def verdicts(board: Board, rs: Resampler) -> list[str]:
+    """One line per claim of the seed papers, from the numbers: the difference, its paired 95% interval, and
+    "significant" only when the interval excludes 0."""
+    spec = board.spec
+    lines: list[str] = []
+    rc = spec.evaluation.get("rcit_protocol")
+    if rc:
+        rate = rc["main_rate"]
+        for r in (e for e in spec.entries if e.method == "rcit"):
+            twins = [e for e in spec.entries if e.method == "vsepp" and e.regime == "augment"
+                     and sorted(map(str, e.corruption_mix)) == sorted(map(str, r.corruption_mix))]
+            for v in twins:
+                cells = [f"rcit-{n}-r{rate:g}" for n in rc["corruptions"]]
+                for name, cell in zip(rc["corruptions"], cells):
+                    line = _verdict(rs, f"RCIT vs VSE++ trained on the same corruptions, RCIT protocol ({name}, "
+                                        f"rate {rate:g})", r.id, v.id, [cell])
+                    if line:
+                        lines.append(line)
+                if len(cells) > 1 and (line := _verdict(rs, f"the same, mean over the RCIT corruptions at rate "
+                                                            f"{rate:g}", r.id, v.id, cells)):
+                    lines.append(line)
+    base = spec.baseline
+    ic_cells = [f"ic-{n}-s{s}" for n in board.ic_corruptions for s in board.ic_severities]
+    if base is not None:
+        for e in spec.entries:
+            if e.id == base:
+                continue
+            if spec.evaluation.get("clean") and (line := _verdict(rs, "clean test set, vs the baseline", e.id, base,
+                                                                  ["clean"])):
+                lines.append(line)
+            if ic_cells and (line := _verdict(rs, "mean corrupted RSUM (ImageNet-C grid), vs the baseline", e.id,
+                                              base, ic_cells)):
+                lines.append(line)
+    return lines
+
+
+def image_change_table(board: Board) -> str | None:
+    """Mean absolute change of the test images per corruption and level, in 8-bit grey levels (PSNR in dB)."""
+    cols: list[tuple[str, list[tuple[str, str]]]] = []
+    if board.ic_corruptions:
+        cols += [(n, [(f"s{s}", f"ic-{n}-s{s}") for s in board.ic_severities]) for n in board.ic_corruptions]
+    rc = board.spec.evaluation.get("rcit_protocol")
+    if rc:
+        cols += [(n, [(f"r{r:g}", f"rcit-{n}-r{r:g}") for r in rc["rates"]]) for n in rc["corruptions"]]
+    rows_by_cell: dict[str, ResultRow] = {}
+    for seeds in board.ok.values():
+        for es in seeds.values():
+            for c, r in es.cells.items():
+                if r.record.get("image_change"):
+                    rows_by_cell.setdefault(c, r)
+    if not rows_by_cell:
+        return None
+    levels = sorted({lv for _, lvs in cols for lv, _ in lvs}, key=lambda x: (x[0], float(x[1:])))
+    table = []
+    for name, lvs in cols:
+        row = [name]
+        by_level = dict(lvs)
+        for lv in levels:
+            r = rows_by_cell.get(by_level.get(lv, ""))
+            if r is None:
+                row.append("")
+                continue
+            ch = r.record["image_change"]
+            psnr = "∞" if ch.get("psnr_db") is None else f"{ch['psnr_db']:.0f}"
+            txt = f"{255 * ch['mean_abs_diff']:.1f} ({psnr} dB)"
+            row.append(f"**{txt}** {UNCHANGED_MARK}" if ch.get("barely_changed") else txt)
+        table.append(row)
+    return _md_table(["corruption"] + levels, table)
+
+
 def _wandb_cell(board: Board, entry: str) -> str:
     out = []
     for seed, es in sorted(board.ok.get(entry, {}).items()):
@@ -159,10 +425,11 @@ def _wandb_cell(board: Board, entry: str) -> str:
     return " ".join(out) or "-"
 
 
-def main_table(board: Board) -> str:
-    """entry, regime, clean recalls, RSUM, robustness summaries; mean ± std over seeds; best bold."""
+def main_table(board: Board, rs: Resampler | None = None) -> str:
+    """entry, regime, clean recalls, RSUM [95% CI], robustness summaries; mean ± std over seeds; best bold."""
+    rs = rs or Resampler(board)
     header = ["entry", "method", "regime", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10",
-              "RSUM", "mean corr. RSUM", "rel. robustness", "MMI", "mCE (%)", "seeds", "W&B run"]
+              "RSUM [95% CI]", "mean corr. RSUM [95% CI]", "rel. robustness", "MMI", "mCE (%)", "seeds", "W&B run"]
     higher: list[bool | None] = [None, None, None] + [True] * 7 + [
         SUMMARY_DIRECTION[k] for k in ("mean_corrupted_rsum", "relative_robustness", "mmi", "mce")] + [None, None]
     text_rows, value_rows = [], []
@@ -175,12 +442,19 @@ def main_table(board: Board) -> str:
             continue
         texts = [e.id, e.method, e.regime]
         vals: list[float | None] = [None, None, None]
-        for key in RECALLS + ("rsum",):
+        for key in RECALLS:
             v = board.cell_metric(e.id, "clean", key)
             texts.append(_fmt(v))
             vals.append(_mean_std(v)[0] if v else None)
+        text, value = _rsum_with_ci(board, rs, e.id, ["clean"])
+        texts.append(text)
+        vals.append(value)
         summ = {s: board.summaries(e.id, s) for s in seeds}
-        for key, digits in (("mean_corrupted_rsum", 1), ("relative_robustness", 3), ("mmi", 3), ("mce", 1)):
+        ic_cells = [f"ic-{n}-s{s}" for n in board.ic_corruptions for s in board.ic_severities]
+        text, value = _rsum_with_ci(board, rs, e.id, ic_cells) if ic_cells else ("-", None)
+        texts.append(text)
+        vals.append(value)
+        for key, digits in (("relative_robustness", 3), ("mmi", 3), ("mce", 1)):
             v = [d[key] for d in summ.values() if key in d]
             texts.append(_fmt(v, digits))
             vals.append(_mean_std(v)[0] if v else None)
@@ -207,7 +481,7 @@ def _grid_table(board: Board, columns: list[tuple[str, list[str]]], key: str = "
                 return sum(got) / len(got) if len(got) == len(cells) else None
 
             v = board.per_seed(eid, avg)
-            texts.append(_fmt(v, digits))
+            texts.append(_fmt(v, digits) + (_cell_marks(board, eid, cells) if v else ""))
             vals.append(_mean_std(v)[0] if v else None)
         text_rows.append(texts)
         value_rows.append(vals)
@@ -215,22 +489,27 @@ def _grid_table(board: Board, columns: list[tuple[str, list[str]]], key: str = "
     return _md_table(["entry"] + [t for t, _ in columns], text_rows)
 
 
-def rcit_table(board: Board) -> str:
-    """The RCIT paper's layout: per entry and corrupted test set at the main rate, R@1/5/10 both ways, RSUM."""
+def rcit_table(board: Board, rs: Resampler | None = None) -> str:
+    """The RCIT paper's layout: per entry and corrupted test set at the main rate, R@1/5/10 both ways,
+    RSUM [95% CI]."""
+    rs = rs or Resampler(board)
     rc = board.spec.evaluation["rcit_protocol"]
     rate = rc["main_rate"]
     header = ["entry", "regime", "test corruption", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5",
-              "t2i R@10", "RSUM"]
+              "t2i R@10", "RSUM [95% CI]"]
     text_rows, value_rows = [], []
     for e in board.spec.entries:
         for name in ["clean"] + list(rc["corruptions"]):
             cell = "clean" if name == "clean" else f"rcit-{name}-r{rate:g}"
             label = "clean" if name == "clean" else f"{name} (rate {rate:g})"
             texts, vals = [e.id, e.regime, label], [None, None, None]
-            for key in RECALLS + ("rsum",):
+            for key in RECALLS:
                 v = board.cell_metric(e.id, cell, key)
                 texts.append(_fmt(v))
                 vals.append(_mean_std(v)[0] if v else None)
+            text, value = _rsum_with_ci(board, rs, e.id, [cell])
+            texts.append(text)
+            vals.append(value)
             text_rows.append(texts)
             value_rows.append(vals)
     return _md_table(header, text_rows)
@@ -247,11 +526,17 @@ def write_csv(board: Board, path: Path) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["entry", "method", "regime", "seed", "cell", "kind", "corruption", "severity", "rate", "perturbation",
-                "level", "status", "reason", *CSV_METRICS, "wandb_run_id"])
+                "level", "status", "reason", *CSV_METRICS, "rsum_ci_lo", "rsum_ci_hi", "i2t_ties", "t2i_ties",
+                "image_mean_abs_diff", "image_psnr_db", "wandb_run_id"])
     for r in sorted(board.rows, key=lambda r: (r.entry, r.seed, r.cell)):
+        ci = (r.record.get("intervals") or {}).get("rsum") or ["", ""]
+        ties = r.record.get("ties") or {}
+        ch = r.record.get("image_change") or {}
         w.writerow([r.entry, r.method, r.regime, r.seed, r.cell, r.kind, r.corruption or "", r.severity or "",
                     "" if r.rate is None else r.rate, r.perturbation or "", r.level or "", r.status, r.reason,
-                    *["" if k not in r.metrics else repr(r.metrics[k]) for k in CSV_METRICS], r.wandb_run_id or ""])
+                    *["" if k not in r.metrics else repr(r.metrics[k]) for k in CSV_METRICS], *ci,
+                    ties.get("i2t", ""), ties.get("t2i", ""), "" if "mean_abs_diff" not in ch else repr(ch["mean_abs_diff"]),
+                    "" if ch.get("psnr_db") is None else repr(ch["psnr_db"]), r.wandb_run_id or ""])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -365,24 +650,73 @@ def build_leaderboard(spec_path: str | Path | Spec, results_dir: str | Path = "r
     md.append(f"# rcit-bench leaderboard: {spec.name}\n")
     if spec.description:
         md.append(spec.description.strip() + "\n")
+    rs = Resampler(board)
     md.append(f"Generated by rcit-bench (do not edit). Spec hash `{spec.hash[:12]}`, dataset `{spec.dataset_kind}`, "
               f"seeds {spec.seeds}. Values are mean ± sample std (ddof 1) over seeds when there is more than one; "
               "the best value of each column is bold. Recalls are R@K hit rates in percent; RSUM is their sum "
               "(max 600).\n")
+    md.append("**Ranks count ties against the model**: an item that scores at least as high as the match ranks above "
+              "it, so a constant or collapsed scorer ranks last, never first. Mean ranks are unrounded, median ranks "
+              "floored.\n")
+    md.append(f"**Intervals** `[lo, hi]` are 95% percentile intervals of an image-level cluster bootstrap "
+              f"({rs.n} resamples of the test images with replacement, each bringing its captions; the gallery stays "
+              "the whole split), from the per-query ranks stored beside every result. They cover the sampling of the "
+              "test images only"
+              + (", for the mean over seeds; the ± std covers the training seeds" if len(spec.seeds) > 1 else
+                 "; with one seed, variation between training runs is not covered")
+              + f". {TIE_MARK}: more than {TIE_FLAG_FRACTION:.0%} of the queries of a cell had a non-matching item "
+              f"tied with their positive. {UNCHANGED_MARK}: the cell's test images barely changed (mean absolute "
+              "change below one 8-bit grey level, see *Image change per cell*).\n")
     md.append("Images are corrupted after decoding, at the dataset's resolution, **before** the model's own "
               "resize and normalisation; each image's corruption is seeded by (seed, corruption, level, image id), "
               "so every model sees the same corrupted pixels.\n")
+    scaling = spec.dataset_options.get("corruption_scaling", "image")
+    md.append("Corruption constants: " + (
+        "the 224 px ImageNet-C constants are applied **as published** at the dataset's resolution (as the "
+        "`imagecorruptions` package does on any size)." if scaling == "published" else
+        "spatial constants are **scaled to the image size** (min(H, W) / 224 of the published 224 px values; random "
+        "layers built on the 224 px grid and resized), so a small image looks as if it were corrupted at 224 px. "
+        "Some corruptions then barely change small images (marked " + UNCHANGED_MARK + "); "
+        "`dataset.options.corruption_scaling: published` applies the published constants instead.") + "\n")
     md.append("## Main table\n")
-    md.append(main_table(board) + "\n")
+    md.append(main_table(board, rs) + "\n")
     base = spec.baseline or "(none)"
     md.append(f"Summaries over the ImageNet-C grid ({len(board.ic_corruptions)} corruptions x severities "
               f"{board.ic_severities}): mean corrupted RSUM; relative robustness = mean corrupted / clean RSUM; "
               f"MMI = 1 - relative robustness (lower is better); mCE = per corruption sum over severities of "
               f"(600 - RSUM) divided by the baseline's (`{base}`), averaged over corruptions, in percent "
               "(lower is better; the baseline scores 100).\n")
+    lines = verdicts(board, rs)
+    if lines:
+        md.append("## Verdicts\n")
+        md.append("Generated from the numbers: each claim of the seed papers as a difference of RSUM with its paired "
+                  "95% bootstrap interval (both entries scored on the same resampled test images"
+                  + ("; values are means over the seeds both entries have" if len(spec.seeds) > 1 else "")
+                  + "); \"significant\" only when the interval excludes 0.\n")
+        md.append("\n".join(lines) + "\n")
+    capped = capped_while_improving(board)
+    rows_tr = training_rows(board)
+    if rows_tr:
+        md.append("## Training budget\n")
+        es = spec.early_stopping
+        rule = (f"training stops when validation RSUM has not improved for {es['patience']} validation(s) "
+                f"(min delta {es['min_delta']:g}), within the maximum budget of the spec"
+                if es else "early stopping is off: every entry trains to its maximum budget")
+        md.append(f"The same rule for every entry: {rule}; the checkpoint with the best validation RSUM (the clean "
+                  "validation split) is evaluated. *pairs seen* counts image-caption pairs, *images encoded* the "
+                  "images through the image encoder (RCIT encodes a clean and a corrupted copy).\n")
+        md.append(budget_table(board) + "\n")
+        if capped:
+            md.append(f"{CAP_MARK} **Hit the budget cap while still improving** (the last validation was the best): "
+                      f"{', '.join(capped)}. Their numbers may understate what the method reaches.\n")
+        else:
+            md.append("Every entry plateaued or hit the cap after its best validation.\n")
+        curves = plot_val_curves(board, out)
+        if curves is not None:
+            md.append(f"![validation RSUM curves]({curves.name})\n")
     failed: dict[tuple[str, int, str], list[str]] = defaultdict(list)
-    for eid, rs in board.failed.items():
-        for r in rs:
+    for eid, failed_rows in board.failed.items():
+        for r in failed_rows:
             failed[(eid, r.seed, r.reason)].append(r.cell)
     if failed:
         md.append("Failed cells:\n\n" + "\n".join(
@@ -393,7 +727,7 @@ def build_leaderboard(spec_path: str | Path | Spec, results_dir: str | Path = "r
         md.append(f"## RCIT protocol (noise rate {rc['main_rate']:g}, the RCIT paper's layout)\n")
         md.append("Noise rate = fraction of pixels corrupted (salt-and-pepper: set to black or white; speckle: "
                   "x + x N(0, s) on the chosen pixels).\n")
-        md.append(rcit_table(board) + "\n")
+        md.append(rcit_table(board, rs) + "\n")
         cols = [(f"{n} r={r:g}", [f"rcit-{n}-r{r:g}"]) for n in rc["corruptions"] for r in rc["rates"]]
         md.append(_grid_table(board, [("clean", ["clean"])] + cols) + "\n")
         md.append(f"![RSUM vs noise rate]({plot_rate(board, out).name})\n")
@@ -416,6 +750,19 @@ def build_leaderboard(spec_path: str | Path | Spec, results_dir: str | Path = "r
         pg_cells = [c for c in spec.cells(pg_entries[0]) if c.kind == "pointing_game"]
         cols = [("clean" if c.corruption is None else f"{c.corruption} r={c.rate:g}", [c.id]) for c in pg_cells]
         md.append(_grid_table(board, cols, key="accuracy", entries=pg_entries) + "\n")
+        md.append("Chance baselines on the same queries: always pointing at the image centre, and the expected hit "
+                  "rate of a uniformly random point (the box area over the image area).\n")
+        base_rows = [[c_title] + [_fmt(board.cell_metric(eid, cells[0], k)) for k in
+                                  ("accuracy", "centre_accuracy", "random_accuracy")]
+                     for eid in pg_entries for c_title, cells in cols]
+        md.append(_md_table(["cell", "model", "centre", "uniform random"], base_rows) + "\n")
+    change = image_change_table(board)
+    if change:
+        md.append("## Image change per cell\n")
+        md.append("How far each cell's test images moved from the clean ones: mean absolute difference in 8-bit grey "
+                  "levels (PSNR in dB). Bold and " + UNCHANGED_MARK + ": below 1 grey level on average, i.e. less than "
+                  "the rounding of the 8-bit images themselves; such a cell measures (almost) the clean test set.\n")
+        md.append(change + "\n")
     md.append("## Reported by the papers (not measured by this suite)\n")
     md.append("Flickr30k 1K test, as printed in the papers; for orientation only, never mixed with the rows above.\n")
     md.append(reported_table() + "\n")

@@ -81,12 +81,25 @@ def provenance(**extra: Any) -> dict[str, Any]:
     return prov
 
 
+#: Optional record sections (see :func:`make_record`).
+RECORD_SECTIONS = ("ties", "intervals", "ranks_file", "image_change", "training", "config", "config_hash")
+
+
 def make_record(*, spec_name: str, spec_hash: str, entry_hash: str, entry: dict[str, Any], seed: int,
                 cell: dict[str, Any], metrics: dict[str, float] | None, status: str = "ok", reason: str = "",
-                **prov: Any) -> dict[str, Any]:
-    """Build a result record. ``entry`` holds id/method/regime/config; ``cell`` is ``Cell.to_dict()``."""
+                sections: dict[str, Any] | None = None, **prov: Any) -> dict[str, Any]:
+    """Build a result record. ``entry`` holds id/method/regime/config; ``cell`` is ``Cell.to_dict()``.
+
+    ``sections`` adds any of ``RECORD_SECTIONS``: ``ties`` (queries tied at their positive, per direction),
+    ``intervals`` (95% bootstrap intervals per metric), ``ranks_file`` (the per-query ranks beside the
+    record), ``image_change`` (how far the test images moved from the clean ones), ``training`` (the budget
+    the model used), ``config`` / ``config_hash`` (the one composed configuration of the entry and seed).
+    """
     if status not in STATUSES:
         raise ValueError(f"Argument `status` must be one of {STATUSES}, but got {status!r}.")
+    unknown = sorted(set(sections or {}) - set(RECORD_SECTIONS))
+    if unknown:
+        raise ValueError(f"Argument `sections` has unknown keys {unknown}; allowed: {list(RECORD_SECTIONS)}.")
     return {
         "schema": SCHEMA_VERSION,
         "spec": spec_name,
@@ -99,6 +112,7 @@ def make_record(*, spec_name: str, spec_hash: str, entry_hash: str, entry: dict[
         "reason": reason,
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "provenance": provenance(**prov),
+        **(sections or {}),
     }
 
 
@@ -112,6 +126,52 @@ def write_result(path: str | Path, record: dict[str, Any]) -> Path:
                       "permissions there, then rerun the same command: finished cells are kept and skipped, and no "
                       "half-written file was left behind.") from err
     return path
+
+
+def ranks_path(result_path: str | Path) -> Path:
+    """``<cell>.ranks.npz`` beside ``<cell>.json``: the per-query ranks of a cell."""
+    p = Path(result_path)
+    return p.with_name(p.stem + ".ranks.npz")
+
+
+def write_ranks(path: str | Path, ranks_i2t: Any, ranks_t2i: Any, caption_to_image: Any) -> Path:
+    """Per-query 1-based ranks (int32) and the caption-to-image index, atomically, as a compressed ``.npz``.
+
+    Written before the cell's JSON file: a cell whose JSON exists always has its ranks."""
+    import io
+
+    import numpy as np
+
+    from rcit_bench.utils import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, i2t=np.asarray(ranks_i2t, dtype=np.int32), t2i=np.asarray(ranks_t2i, dtype=np.int32),
+                        caption_to_image=np.asarray(caption_to_image, dtype=np.int32))
+    try:
+        atomic_write_bytes(Path(path), buf.getvalue())
+    except OSError as err:
+        raise OSError(err.errno, f"Could not write ranks file {path} ({err.strerror or err}). Free space or fix "
+                      "permissions there, then rerun the same command.") from err
+    return Path(path)
+
+
+def read_ranks(path: str | Path) -> dict[str, Any] | None:
+    """``{i2t, t2i, caption_to_image}`` int64 numpy arrays, or None when missing or unreadable."""
+    import numpy as np
+
+    try:
+        with np.load(path) as z:
+            out = {k: z[k].astype(np.int64) for k in ("i2t", "t2i", "caption_to_image")}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("ignoring unreadable ranks file %s: %s", path, exc)
+        return None
+    if len(out["t2i"]) != len(out["caption_to_image"]):
+        log.warning("ignoring ranks file %s: %d t2i ranks for %d captions", path, len(out["t2i"]),
+                    len(out["caption_to_image"]))
+        return None
+    return out
 
 
 def read_result(path: str | Path) -> dict[str, Any] | None:
@@ -157,12 +217,18 @@ class ResultRow:
     wandb_run_id: str | None
     wandb_url: str | None
     path: Path
+    record: dict[str, Any]  # the whole record (ties, intervals, image_change, training, config, ...)
+
+    def ranks(self) -> dict[str, Any] | None:
+        """The cell's per-query ranks (see :func:`read_ranks`), None when not stored."""
+        name = self.record.get("ranks_file")
+        return read_ranks(self.path.with_name(name)) if name else None
 
 
 def iter_results(results_dir: str | Path, spec_name: str) -> Iterator[ResultRow]:
     """Every readable result file of a spec, in path order."""
     root = Path(results_dir) / spec_name
-    for p in sorted(root.glob("*/seed*/*.json")):
+    for p in sorted(root.glob("*/seed*/*.json")):  # not state.json: no schema key
         rec = read_result(p)
         if rec is None or rec.get("spec") != spec_name:
             continue
@@ -172,5 +238,5 @@ def iter_results(results_dir: str | Path, spec_name: str) -> Iterator[ResultRow]
             cell=c["id"], kind=c["kind"], corruption=c.get("corruption"), severity=c.get("severity"),
             rate=c.get("rate"), perturbation=c.get("perturbation"), level=c.get("level"),
             status=rec["status"], reason=rec.get("reason", ""), metrics=rec.get("metrics", {}),
-            wandb_run_id=prov.get("wandb_run_id"), wandb_url=prov.get("wandb_url"), path=p,
+            wandb_run_id=prov.get("wandb_run_id"), wandb_url=prov.get("wandb_url"), path=p, record=rec,
         )

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
+
 from rcit_bench.bench import results as R
 from rcit_bench.bench.spec import (
     REGIME_TO_TRAIN_CORRUPTION,
@@ -28,6 +30,7 @@ from rcit_bench.bench.spec import (
     config_path,
     deep_merge,
     load_spec,
+    sha256_json,
 )
 from rcit_bench.bench.wandb_log import WandbRun, new_run_id
 from rcit_bench.utils import atomic_write_text
@@ -144,8 +147,20 @@ def make_datamodule(kwargs: dict[str, Any]) -> Any:
     return dm
 
 
+def composed_config(spec: Spec, entry: Entry, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The one configuration an (entry, seed) is trained with: the method config with the entry's overrides,
+    the datamodule arguments and trainer arguments the runner really passes, and the early-stopping rule.
+    It is what gets saved with the checkpoint (``data_config``), logged to W&B, written beside the results
+    (``config.yaml``) and hashed (``config_hash`` in every result record)."""
+    return {"method": entry.method, "regime": entry.regime, "seed": seed,
+            "model": dict(cfg.get("model") or {}), "optim": dict(cfg.get("optim") or {}),
+            "data": datamodule_kwargs(spec, entry, seed, cfg), "trainer": trainer_kwargs(spec, entry, cfg),
+            "early_stopping": spec.early_stopping}
+
+
 def build_model(entry: Entry, cfg: dict[str, Any], dm: Any) -> Any:
-    """Instantiate the method from its config; the vocabulary size comes from the datamodule."""
+    """Instantiate the method from its config (a :func:`composed_config` or a method config); the vocabulary
+    size comes from the datamodule."""
     from rcit_bench.models.registry import build_method
 
     model_cfg = {k: v for k, v in cfg.items() if k in ("model", "optim", "data")}
@@ -243,11 +258,98 @@ def _rng_checkpoint() -> Any:
     return RngCheckpoint()
 
 
-def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], wb: WandbRun) -> str:
-    """Fit with Lightning (resuming from ``last.ckpt``, RNG states included); returns the best checkpoint
-    path (val/rsum, max)."""
+def budget_meter() -> Any:
+    """A Lightning callback that measures the budget a model used (pairs seen, images encoded, training wall
+    time, epochs) and its validation RSUM curve. Its state goes into every checkpoint, so a resumed run keeps
+    counting where the interrupted one stopped."""
+    from lightning.pytorch.callbacks import Callback
+
+    class _Meter(Callback):
+        def __init__(self) -> None:
+            self.pairs = 0
+            self.images = 0
+            self.wall_s = 0.0
+            self.curve: list[dict[str, float]] = []
+            self._t0: float | None = None
+
+        @property
+        def state_key(self) -> str:
+            return "BudgetMeter"
+
+        def elapsed(self) -> float:
+            return self.wall_s + (time.monotonic() - self._t0 if self._t0 is not None else 0.0)
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"pairs": self.pairs, "images": self.images, "wall_s": self.elapsed(),
+                    "curve": [dict(c) for c in self.curve]}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.pairs, self.images = int(state["pairs"]), int(state["images"])
+            self.wall_s, self.curve = float(state["wall_s"]), [dict(c) for c in state["curve"]]
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            self._t0 = time.monotonic()
+
+        def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+            self.wall_s, self._t0 = self.elapsed(), None
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            n = int(batch["tokens"].shape[0])
+            self.pairs += n
+            # RCIT encodes a clean and a corrupted copy of every image
+            self.images += n + (int(batch["corrupted_images"].shape[0]) if "corrupted_images" in batch else 0)
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.sanity_checking or "val/rsum" not in trainer.callback_metrics:
+                return
+            point = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step),
+                     "rsum": float(trainer.callback_metrics["val/rsum"])}
+            if "val/modality_acc" in trainer.callback_metrics:
+                point["modality_acc"] = float(trainer.callback_metrics["val/modality_acc"])
+            self.curve.append(point)
+
+    return _Meter()
+
+
+@dataclass
+class TrainResult:
+    """The best checkpoint of a fit and the budget it used (``training`` section of every result record)."""
+
+    checkpoint: str
+    training: dict[str, Any]
+
+
+def budget_record(meter: Any, trainer_kw: dict[str, Any], early: dict[str, Any] | None, stopped_early: bool,
+                  epochs: int, optimizer_steps: int) -> dict[str, Any]:
+    """The ``training`` section: what the model was given and what it used, and whether it plateaued.
+
+    ``stop`` is ``plateau`` when early stopping ended the run (no improvement of val RSUM for `patience`
+    validations) and ``cap`` when the maximum budget did; ``still_improving`` marks a capped run whose last
+    validation was its best."""
+    curve = list(meter.curve)
+    best = max(curve, key=lambda c: c["rsum"]) if curve else None  # first of equal maxima, as ModelCheckpoint
+    out: dict[str, Any] = {
+        "epochs": int(epochs), "optimizer_steps": int(optimizer_steps), "pairs_seen": meter.pairs,
+        "images_encoded": meter.images, "train_wall_time_s": round(meter.elapsed(), 3),
+        "best_epoch": None if best is None else best["epoch"] + 1,  # 1-based
+        "best_val_rsum": None if best is None else best["rsum"],
+        "stop": "plateau" if stopped_early else "cap",
+        "still_improving": bool(not stopped_early and best is not None and best is curve[-1] and len(curve) > 1),
+        "max_epochs": trainer_kw.get("max_epochs"), "max_steps": trainer_kw.get("max_steps"),
+        "patience": None if early is None else early["patience"], "val_curve": curve,
+    }
+    if curve and "modality_acc" in curve[-1]:
+        out["final_modality_acc"] = curve[-1]["modality_acc"]
+    return out
+
+
+def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], wb: WandbRun,
+          early_stopping: dict[str, Any] | None = None) -> TrainResult:
+    """Fit with Lightning (resuming from ``last.ckpt``, RNG states and budget counters included) until val RSUM
+    has not improved for ``early_stopping['patience']`` validations or the trainer's maximum budget is spent;
+    returns the best checkpoint (val/rsum, max) and the budget used."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     _seed(seed)
     ckpt_dir = rd / "checkpoints"
@@ -257,12 +359,18 @@ def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], 
     # would resume from an older epoch: its own callback writes last.ckpt after every epoch instead.
     latest = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
                              every_n_epochs=1, enable_version_counter=False, auto_insert_metric_name=False)
+    meter = budget_meter()
+    callbacks: list[Any] = [meter, ckpt, latest, _rng_checkpoint()]
+    stopper = None
+    if early_stopping is not None:
+        stopper = EarlyStopping(monitor="val/rsum", mode="max", patience=int(early_stopping["patience"]),
+                                min_delta=float(early_stopping.get("min_delta", 0.0)), check_on_train_epoch_end=False)
+        callbacks.append(stopper)
     kw = {"enable_model_summary": False, **trainer_kw}
     # Model and datamodule both name a `text_encoder` (a network vs a tokenizer); Lightning refuses to merge
     # such hparams for the logger. The datamodule's are recorded in the W&B config by the runner anyway.
     dm._log_hyperparams = False
-    trainer = L.Trainer(default_root_dir=str(rd), callbacks=[ckpt, latest, _rng_checkpoint()],
-                        logger=wb.lightning_logger() or False, **kw)
+    trainer = L.Trainer(default_root_dir=str(rd), callbacks=callbacks, logger=wb.lightning_logger() or False, **kw)
     last = ckpt_dir / "last.ckpt"
     resume = str(last) if last.is_file() and _readable_checkpoint(last) else None
     trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
@@ -270,7 +378,9 @@ def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], 
     best = best or (str(last) if last.is_file() else "")
     if not best:
         raise RuntimeError(f"Training of {rd} produced no checkpoint (is max_epochs 0?).")
-    return best
+    stopped = stopper is not None and stopper.wait_count >= stopper.patience
+    return TrainResult(best, budget_record(meter, trainer_kw, early_stopping, stopped, trainer.current_epoch,
+                                                  trainer.global_step))
 
 
 def _load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -355,10 +465,12 @@ class CellEvaluator:
             self._clean_images = reps
         return reps
 
-    def __call__(self, cell: Cell, images: Iterable[dict[str, Any]] | None = None) -> dict[str, float]:
-        """Metrics of one cell. `images`: the cell's (corrupted) test image batches when already built for
-        another entry (they depend only on the dataset, seed and cell, not on the model)."""
-        from rcit_bench.evaluation import encode_texts, evaluate
+    def __call__(self, cell: Cell, images: Iterable[dict[str, Any]] | None = None) -> Any:
+        """One cell: a :class:`~rcit_bench.evaluation.CellEvaluation` (metrics, per-query ranks, ties, and for
+        image corruptions how far the images moved), or the pointing game's metrics dict. `images`: the cell's
+        (corrupted) test image batches when already built for another entry (they depend only on the dataset,
+        seed and cell, not on the model)."""
+        from rcit_bench.evaluation import encode_texts, evaluate_ranks
 
         if cell.kind == "pointing_game":
             from rcit_bench.localization import pointing_game
@@ -370,9 +482,87 @@ class CellEvaluator:
             texts = encode_texts(self.model, self.dm.caption_loader(self.split, perturbation=cell.perturbation,
                                                                     level=cell.level))
             self.text_encodings += 1
-            return evaluate(self.model, self.image_reps(batches=images), texts, self.c2i, coco_1k=self.coco_1k)
+            return evaluate_ranks(self.model, self.image_reps(batches=images), texts, self.c2i, coco_1k=self.coco_1k)
+        change = None
+        if cell.corruption is not None:
+            if images is None:
+                images = self.dm.image_loader(self.split, corruption=cell.corruption, severity=cell.severity,
+                                              rate=cell.rate)
+            change = ImageChange(self.dm.image_loader(self.split))
+            images = change.wrap(images)
         reps = self.image_reps(cell.corruption, cell.severity, cell.rate, batches=images)
-        return evaluate(self.model, reps, self.text_reps(), self.c2i, coco_1k=self.coco_1k)
+        out = evaluate_ranks(self.model, reps, self.text_reps(), self.c2i, coco_1k=self.coco_1k)
+        out.image_change = None if change is None else change.result()
+        return out
+
+
+#: Below one 8-bit grey level of mean absolute change, a corruption cell is marked "barely changed": the
+#: images differ from the clean ones by less than the rounding of the 8-bit files they were decoded from.
+BARELY_CHANGED_MAD = 1.0 / 255.0
+
+
+class ImageChange:
+    """How far a cell's corrupted test images moved from the clean ones (mean and max absolute difference,
+    PSNR over the split, images left exactly unchanged), measured while the batches stream to the encoder.
+
+    A corruption whose constants are scaled to a small image can leave it untouched (pixelate at 64 px);
+    without this figure such a cell would read as "robust to pixelate"."""
+
+    def __init__(self, clean_batches: Iterable[dict[str, Any]]) -> None:
+        self._clean = iter(clean_batches)
+        self.images = self.values = self.unchanged = 0
+        self.abs_sum = self.sq_sum = self.max_abs = 0.0
+
+    def wrap(self, batches: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        import torch
+
+        for batch in batches:
+            clean = next(self._clean)
+            if not torch.equal(torch.as_tensor(clean["image_index"]), torch.as_tensor(batch["image_index"])):
+                raise RuntimeError("Corrupted and clean test images came in a different order; cannot compare them.")
+            d = (batch["images"].double() - clean["images"].double()).abs_()
+            self.images += d.shape[0]
+            self.values += d.numel()
+            self.abs_sum += float(d.sum())
+            self.sq_sum += float(d.square().sum())
+            per_image_max = d.flatten(1).amax(1)
+            self.max_abs = max(self.max_abs, float(per_image_max.max()))
+            self.unchanged += int((per_image_max == 0).sum())
+            yield batch
+
+    def result(self) -> dict[str, Any]:
+        import math
+
+        if not self.values:
+            return {"images": 0}
+        mse = self.sq_sum / self.values
+        mad = self.abs_sum / self.values
+        return {"images": self.images, "mean_abs_diff": mad, "max_abs_diff": self.max_abs,
+                "psnr_db": None if mse == 0 else 10.0 * math.log10(1.0 / mse),  # None: identical images
+                "unchanged_images": self.unchanged, "barely_changed": mad < BARELY_CHANGED_MAD}
+
+
+def result_sections(out: Any, result_path: Path) -> dict[str, Any]:
+    """Record sections of one evaluated cell: tie counts, 95% bootstrap intervals, image change, and the
+    per-query ranks written beside the record (before it, so a record always has its ranks)."""
+    from rcit_bench.evaluation import CellEvaluation
+    from rcit_bench.metrics import bootstrap_from_ranks
+
+    if not isinstance(out, CellEvaluation):
+        return {}
+    rp = R.ranks_path(result_path)
+    R.write_ranks(rp, out.ranks_i2t.numpy(), out.ranks_t2i.numpy(), out.caption_to_image.numpy())
+    ci = bootstrap_from_ranks(out.ranks_i2t, out.ranks_t2i, out.caption_to_image, n_resamples=BOOTSTRAP_RESAMPLES,
+                              confidence=0.95, seed=0)
+    sec: dict[str, Any] = {"ties": out.tie_counts(), "ranks_file": rp.name,
+                           "intervals": {k: [float(lo), float(hi)] for k, (lo, hi) in ci.items()}}
+    if out.image_change is not None:
+        sec["image_change"] = out.image_change
+    return sec
+
+
+#: Resamples of the image-level cluster bootstrap stored with every cell (intervals at 95%).
+BOOTSTRAP_RESAMPLES = 1000
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -435,6 +625,7 @@ class _Prepared:
     checkpoint: str
     train_time: float
     test_key: str
+    sections: dict[str, Any]  # training budget and composed config, copied into every result record
     logged: list[tuple[str, dict[str, float]]] = field(default_factory=list)
 
 
@@ -463,20 +654,22 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
         state = {"entry_hash": ehash, "wandb_run_id": state.get("wandb_run_id") or new_run_id()}
         _write_state(rd, state)
     cfg = method_config(spec, entry)
+    composed = composed_config(spec, entry, seed, cfg)
+    config_hash = sha256_json(composed)
+    atomic_write_text(rd / "config.yaml", yaml.safe_dump(composed, sort_keys=True))
     wb = WandbRun(enabled=use_wandb, run_id=state["wandb_run_id"], name=f"{spec.name}-{entry.id}-seed{seed}",
                   save_dir=results_dir, project=spec.wandb.get("project"), entity=spec.wandb.get("entity"),
                   tags=[spec.name, entry.method, entry.regime, *spec.wandb.get("tags", [])], group=spec.name,
-                  config={"spec": spec.name, "spec_hash": spec.hash, "entry": entry.id, "method": entry.method,
-                          "regime": entry.regime, "seed": seed, "method_config": cfg})
+                  config={"spec": spec.name, "spec_hash": spec.hash, "entry": entry.id, "config_hash": config_hash,
+                          **composed})
     base_record = {"spec_name": spec.name, "spec_hash": spec.hash, "entry_hash": ehash, "seed": seed,
                    "entry": {"id": entry.id, "method": entry.method, "regime": entry.regime, "config": entry.config}}
-    tkw = trainer_kwargs(spec, entry, cfg)
-    dkw = datamodule_kwargs(spec, entry, seed, cfg)
+    tkw, dkw = composed["trainer"], composed["data"]
     t0 = time.monotonic()
     try:
         dm = make_datamodule(dkw)
         _seed(seed)  # initial weights from the seed alone, not from what ran before in this process
-        model = build_model(entry, cfg, dm)
+        model = build_model(entry, composed, dm)
         best = state.get("best_checkpoint") if state.get("trained") else None
         loaded = False
         if best and Path(best).is_file():
@@ -488,8 +681,9 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
         if not loaded:
             log.info("%s: training %s (%s regime)", where, entry.method, entry.regime)
             summary.trained.append(where)
-            best = train(model, dm, rd, seed, tkw, wb)
-            state.update(trained=True, best_checkpoint=best)
+            result = train(model, dm, rd, seed, tkw, wb, early_stopping=spec.early_stopping)
+            best = result.checkpoint
+            state.update(trained=True, best_checkpoint=best, training=result.training)
             _write_state(rd, state)
             load_weights(model, best)
     except FloatingPointError as err:  # training diverged: record it, keep sweeping
@@ -497,6 +691,7 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
         log.error("%s: %s", where, reason)
         for cell in pending:
             rec = R.make_record(**base_record, cell=cell.to_dict(), metrics=None, status="failed", reason=reason,
+                                sections={"config": composed, "config_hash": config_hash},
                                 wandb_run_id=wb.id_or_none, wandb_url=wb.url, wall_time_s=time.monotonic() - t0)
             R.write_result(R.cell_path(results_dir, spec.name, entry.id, seed, cell.id), rec)
             summary.failed += 1
@@ -506,8 +701,10 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
         wb.finish()  # one active W&B run at a time; evaluation resumes it by id
     model.to(_eval_device(tkw))
     evaluator = CellEvaluator(model, dm, seed, coco_1k=spec.dataset_kind == "coco")
+    sections = {"training": state.get("training"), "config": composed, "config_hash": config_hash}
     test_key = json.dumps({k: v for k, v in dkw.items() if k not in _TRAIN_ONLY_OPTIONS}, sort_keys=True, default=str)
-    return _Prepared(entry, dm, evaluator, wb, pending, base_record, str(best), time.monotonic() - t0, test_key)
+    return _Prepared(entry, dm, evaluator, wb, pending, base_record, str(best), time.monotonic() - t0, test_key,
+                     sections)
 
 
 def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, results_dir: Path, progress: SweepProgress,
@@ -524,7 +721,8 @@ def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, results_dir
                 continue
             where = f"{p.entry.id}/seed{seed}"
             c0 = time.monotonic()
-            status, reason, metrics = "ok", "", None
+            status, reason, metrics, cell_sections = "ok", "", None, {}
+            path = R.cell_path(results_dir, spec.name, p.entry.id, seed, cell.id)
             try:
                 images = None
                 if cell.kind in ("clean", "imagenet_c", "rcit") and sum(
@@ -533,16 +731,18 @@ def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, results_dir
                         shared[p.test_key] = list(p.dm.image_loader("test", corruption=cell.corruption,
                                                                     severity=cell.severity, rate=cell.rate))
                     images = shared[p.test_key]
-                metrics = p.evaluator(cell, images=images)
+                out = p.evaluator(cell, images=images)
+                metrics = out if isinstance(out, dict) else out.metrics
+                cell_sections = result_sections(out, path)
             except FloatingPointError as err:
                 status, reason = "failed", f"evaluation failed: {err}"
             except (RuntimeError, ValueError) as err:  # one broken cell must not lose the rest of the sweep
                 status, reason = "failed", f"{type(err).__name__}: {err}"
                 log.error("%s %s failed:\n%s", where, cell.id, traceback.format_exc())
             rec = R.make_record(**p.base_record, cell=cell.to_dict(), metrics=metrics, status=status, reason=reason,
-                                checkpoint=p.checkpoint, wandb_run_id=p.wb.id_or_none, wandb_url=p.wb.url,
-                                wall_time_s=time.monotonic() - c0, train_wall_time_s=p.train_time)
-            R.write_result(R.cell_path(results_dir, spec.name, p.entry.id, seed, cell.id), rec)
+                                sections={**p.sections, **cell_sections}, checkpoint=p.checkpoint,
+                                wandb_run_id=p.wb.id_or_none, wandb_url=p.wb.url, wall_time_s=time.monotonic() - c0)
+            R.write_result(path, rec)
             if status == "ok":
                 summary.evaluated += 1
                 p.logged.append((cell.id, metrics or {}))

@@ -38,7 +38,11 @@ SEVERITIES = (1, 2, 3, 4, 5)
 TEXT_LEVELS = (1, 2, 3, 4, 5)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-TOP_KEYS = ("name", "description", "dataset", "entries", "evaluation", "seeds", "baseline", "trainer", "wandb")
+TOP_KEYS = ("name", "description", "dataset", "entries", "evaluation", "seeds", "baseline", "trainer", "early_stopping",
+            "wandb")
+EARLY_STOPPING_KEYS = ("patience", "min_delta")
+#: Every entry trains until val RSUM has not improved for `patience` validations, within the trainer's budget.
+DEFAULT_EARLY_STOPPING = {"patience": 3, "min_delta": 0.0}
 DATASET_KEYS = ("kind", "options")
 ENTRY_KEYS = ("id", "method", "config", "regime", "corruption_mix", "augment_fraction", "overrides", "description")
 MIX_KEYS = ("name", "severity", "rate")
@@ -133,6 +137,7 @@ class Spec:
     trainer: dict[str, Any]
     wandb: dict[str, Any]
     raw: dict[str, Any]
+    early_stopping: dict[str, Any] | None = None  # {patience, min_delta}; None: train to the budget cap
 
     @property
     def hash(self) -> str:
@@ -156,6 +161,7 @@ class Spec:
         cfg = config_path(self, self.entry(entry_id))
         cfg_text = cfg.read_text(encoding="utf-8") if cfg.is_file() else ""  # an edited config means retraining
         return sha256_json({"dataset": self.raw["dataset"], "trainer": self.raw["trainer"], "entry": e,
+                            "early_stopping": self.raw["early_stopping"],
                             "config_sha256": hashlib.sha256(cfg_text.encode("utf-8")).hexdigest()})
 
     def cells(self, entry: Entry | str | None = None) -> list[Cell]:
@@ -361,6 +367,7 @@ def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
 
     # trainer
     trainer = dict(_check_keys(data.get("trainer") or {}, "trainer", TRAINER_KEYS))
+    early = _validate_early_stopping(data.get("early_stopping", DEFAULT_EARLY_STOPPING))
 
     # entries
     methods = known_methods()
@@ -428,6 +435,7 @@ def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
         "name": name,
         "dataset": {"kind": kind, "options": dict(options)},
         "trainer": trainer,
+        "early_stopping": early,
         "seeds": list(seeds),
         "baseline": baseline,
         "entries": [
@@ -438,7 +446,23 @@ def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
         "evaluation": evaluation,
     }
     return Spec(name, Path(path) if path is not None else None, str(data.get("description", "")), kind,
-                dict(options), entries, evaluation, list(seeds), baseline, trainer, wandb_cfg, copy.deepcopy(raw))
+                dict(options), entries, evaluation, list(seeds), baseline, trainer, wandb_cfg, copy.deepcopy(raw),
+                None if early is None else dict(early))
+
+
+def _validate_early_stopping(value: Any) -> dict[str, Any] | None:
+    """``{patience: int >= 1, min_delta: float >= 0}``, or ``false`` to train every entry to its budget cap."""
+    if value is False or value is None:
+        return None
+    es = _check_keys(value, "early_stopping", EARLY_STOPPING_KEYS)
+    out = {**DEFAULT_EARLY_STOPPING, **es}
+    pat, delta = out["patience"], out["min_delta"]
+    if isinstance(pat, bool) or not isinstance(pat, int) or pat < 1:
+        raise ValueError(f"Spec key `early_stopping.patience` must be an integer >= 1 (validations without "
+                         f"improvement of val RSUM before training stops), but got {pat!r}.")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or delta < 0:
+        raise ValueError(f"Spec key `early_stopping.min_delta` must be a number >= 0 (RSUM points), but got {delta!r}.")
+    return {"patience": pat, "min_delta": float(delta)}
 
 
 def _validate_evaluation(ev: Any, dataset_kind: str) -> dict[str, Any]:

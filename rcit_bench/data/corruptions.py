@@ -19,7 +19,18 @@ Conventions (documented deviations from the 224 px reference code):
   (``H / scale`` x ``W / scale``) and resized to the image. So corrupting an image of any size looks like
   resizing it to 224 px (short side), corrupting with the published constants and resizing back. A
   consequence: on small images (e.g. 64 px) pixelate at low severity is the identity, because the image
-  already has fewer pixels than the pixelated 224 px one.
+  already has fewer pixels than the pixelated 224 px one. This is ``scaling="image"``, the default.
+* ``scaling="published"`` instead applies the 224 px constants as published on any image size, as the
+  `imagecorruptions` package does: scale 1 (blur sigmas and radii, glass-blur swap distance and the distance
+  cap of spatter in the image's own pixels), the pixelate factor taken of the image's own size, and the random
+  layers generated at the image's own size (no resize). Elastic keeps imagecorruptions' relative constants
+  (displacement noise 0.5% and blur sigma 1% of the image's short side, alpha unscaled). On a 224 px short
+  side both modes give identical pixels; on smaller images the published constants corrupt relatively more
+  (at 64 px a 1 px blur is 3.5x wider relative to the image), while the pointwise corruptions (noise,
+  brightness, contrast, saturate, JPEG, zoom blur, rate mode) give the same pixels in both modes. Use it to
+  compare with numbers obtained with `imagecorruptions` on small images. The mode is held in a ContextVar
+  that `corrupt` sets and resets around each call, so concurrent calls from other threads (or async tasks)
+  never see each other's mode.
 * Determinism. Every random number for image ``b`` comes from its own CPU ``torch.Generator`` seeded with
   ``stable_hash(seed, name, level, image_id[b])`` (level = severity or rate), so the pixels do not depend on
   batch size, order or composition, nor on the device (numbers are drawn on CPU and moved). When
@@ -56,6 +67,7 @@ intent of a much stronger corruption than ImageNet-C (the rate supplies the rest
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import math
 from typing import Callable, Sequence
@@ -73,6 +85,7 @@ __all__ = [
     "RATE_CORRUPTIONS",
     "CORRUPTION_FAMILIES",
     "SPECKLE_RATE_SIGMA",
+    "SCALINGS",
     "corrupt",
     "list_corruptions",
     "corruption_grid",
@@ -101,6 +114,12 @@ CORRUPTION_FAMILIES: dict[str, str] = {
 SPECKLE_RATE_SIGMA = 0.6  # RCIT speckle sigma (ImageNet-C severity-5 speckle), see module docstring
 REFERENCE_SIZE = 224  # the published constants are for 224 px images
 MIN_SIZE = 8
+#: how spatial constants meet the image size: 'image' (scaled by min(H, W) / 224), 'published' (as published)
+SCALINGS: tuple[str, ...] = ("image", "published")
+# the scaling of the `corrupt` call in progress; a ContextVar (not a module global) so that threads calling
+# `corrupt` concurrently each read their own. Read by _scale only, on the thread that called `corrupt` (JPEG
+# runs its codec on that thread too; a thread started inside a call would read the default, 'image').
+_SCALING: contextvars.ContextVar[str] = contextvars.ContextVar("rcit_bench_corruption_scaling", default="image")
 
 # ---- published ImageNet-C constants (severity 1..5), 224 px, images in [0, 1] ----
 _GAUSSIAN_NOISE = (0.08, 0.12, 0.18, 0.26, 0.38)
@@ -154,6 +173,8 @@ def corrupt(
     rate: float | None = None,
     seed: int = 0,
     image_ids: Sequence[int] | Tensor | None = None,
+    *,
+    scaling: str = "image",
 ) -> Tensor:
     """Corrupt a batch deterministically per image.
 
@@ -161,15 +182,28 @@ def corrupt(
     (1..5, ImageNet-C names) or ``rate`` (fraction of pixels in [0, 1], RCIT names 'speckle', 'salt_pepper').
     image_ids: B ints identifying the images (default: a hash of each image's pixels); the random numbers of
     image b depend only on (seed, name, level, image_ids[b]).
+    scaling: 'image' (default: spatial constants scaled by min(H, W) / 224, random layers on the 224 px grid)
+    or 'published' (the 224 px constants on any size, as `imagecorruptions`); see the module docstring.
     Returns the same shape, dtype and device, clipped to [0, 1].
     """
     _check_name(name)
     level = _check_level(name, severity, rate)
+    _check_scaling(scaling)
     _check_images(images)
+    token = _SCALING.set(scaling)
+    try:
+        return _corrupt(images, name, level, int(seed), image_ids)
+    finally:
+        _SCALING.reset(token)
+
+
+def _corrupt(images: Tensor, name: str, level: int | float, seed: int,
+             image_ids: Sequence[int] | Tensor | None) -> Tensor:
+    """`corrupt` after its checks, with the scaling set."""
     b = images.shape[0]
     ids = _image_ids(images, image_ids)
     gens = [] if name in _DETERMINISTIC else [
-        torch.Generator().manual_seed(stable_hash(int(seed), name, level, i)) for i in ids
+        torch.Generator().manual_seed(stable_hash(seed, name, level, i)) for i in ids
     ]
     if b == 0:
         return images.clone()
@@ -188,15 +222,18 @@ def corrupt(
 
 
 def corruption_grid(
-    image: Tensor, severities: Sequence[int] = (1, 2, 3, 4, 5), *, seed: int = 0, padding: int = 2
+    image: Tensor, severities: Sequence[int] = (1, 2, 3, 4, 5), *, seed: int = 0, padding: int = 2,
+    scaling: str = "image",
 ) -> Tensor:
     """Tile every severity-mode corruption (rows, in list_corruptions order) x (clean + severities) (columns).
 
     image: (C, H, W) in [0, 1]. Returns (C, R*H + (R-1)*padding, K*W + (K-1)*padding) with R = 19 rows,
-    K = 1 + len(severities) columns; gutters are white. Used by the `rcit-bench corrupt` CLI preview.
+    K = 1 + len(severities) columns; gutters are white. scaling: as in `corrupt`. Used by the
+    `rcit-bench corrupt` CLI preview.
     """
     if image.dim() != 3:
         raise ValueError(f"Argument `image` must be a (C, H, W) tensor, but got shape {tuple(image.shape)}.")
+    _check_scaling(scaling)
     for s in severities:
         _check_level("gaussian_noise", s, None)
     c, h, w = image.shape
@@ -205,7 +242,8 @@ def corruption_grid(
     grid = image.new_ones(c, rows * h + (rows - 1) * padding, cols * w + (cols - 1) * padding)
     batch = image.unsqueeze(0)  # (1, C, H, W)
     for r, name in enumerate(SEVERITY_CORRUPTIONS):
-        tiles = [image] + [corrupt(batch, name, severity=s, seed=seed, image_ids=[0])[0] for s in severities]
+        tiles = [image] + [corrupt(batch, name, severity=s, seed=seed, image_ids=[0], scaling=scaling)[0]
+                          for s in severities]
         for k, tile in enumerate(tiles):
             y, x0 = r * (h + padding), k * (w + padding)
             grid[:, y:y + h, x0:x0 + w] = tile
@@ -254,6 +292,16 @@ def _check_level(name: str, severity: int | None, rate: float | None) -> int | f
     return int(severity)
 
 
+def _check_scaling(scaling: str) -> None:
+    if not isinstance(scaling, str) or scaling not in SCALINGS:
+        listed = ", ".join(f"'{n}'" for n in SCALINGS)
+        raise ValueError(
+            f"Argument `scaling` must be one of {listed}, but got {scaling!r}; 'image' scales the spatial "
+            f"constants to the image size, 'published' applies the 224 px ones as published."
+            f"{did_you_mean(str(scaling), SCALINGS)}"
+        )
+
+
 def _check_images(images: Tensor) -> None:
     if not isinstance(images, Tensor):
         raise ValueError(f"Argument `images` must be a torch.Tensor, but got {type(images).__name__}.")
@@ -289,11 +337,15 @@ def _image_ids(images: Tensor, image_ids: Sequence[int] | Tensor | None) -> list
 
 
 def _scale(x: Tensor) -> float:
+    """Factor of the spatial constants: min(H, W) / 224 in 'image' scaling, 1 in 'published' (see SCALINGS)."""
+    if _SCALING.get() == "published":
+        return 1.0
     return min(x.shape[-2:]) / REFERENCE_SIZE
 
 
 def _ref_size(x: Tensor) -> tuple[int, int]:
-    """(H, W) of the 224 px reference grid for x (short side 224)."""
+    """(H, W) of the grid the random layers are built on: the 224 px reference grid for x (short side 224)
+    in 'image' scaling, x's own size in 'published' scaling."""
     h, w = x.shape[-2:]
     s = _scale(x)
     return max(1, round(h / s)), max(1, round(w / s))
@@ -928,13 +980,15 @@ def _contrast(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
 
 
 def _elastic_transform(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
-    """imagecorruptions 1.1 elastic: blurred uniform displacement (sigma 1% of size) times alpha, bilinear."""
+    """imagecorruptions 1.1 elastic: blurred uniform displacement (sigma 1% of size) times alpha, bilinear.
+    Its size is the short side of the layer grid: 224 ('image' scaling), the image's own ('published')."""
     alpha = _ELASTIC[s]
     rh, rw = _ref_size(x)
     dev = x.device
-    max_d = REFERENCE_SIZE * 0.005
+    side = min(rh, rw)  # = REFERENCE_SIZE in 'image' scaling
+    max_d = side * 0.005
     u = _randn(gens, (2, rh, rw), dev, uniform=True) * (2 * max_d) - max_d
-    disp = _gaussian_blur(u, REFERENCE_SIZE * 0.01) * alpha  # (B, 2, Href, Wref) in reference px
+    disp = _gaussian_blur(u, side * 0.01) * alpha  # (B, 2, Href, Wref) in reference px
     b, c, h, w = x.shape
     disp = _resize(disp, (h, w)) * _scale(x)  # in image px
     ys, xs = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
@@ -956,8 +1010,8 @@ def _box_rows(x: Tensor, n: int) -> Tensor:
 
 
 def _pixelate(x: Tensor, s: int, gens: list[torch.Generator]) -> Tensor:
-    """As the reference (PIL): BOX down to c of the 224 px reference size, NEAREST (centre-aligned) back up;
-    the identity when that is not smaller."""
+    """As the reference (PIL): BOX down to c of the 224 px reference size ('published' scaling: of the image's
+    own size), NEAREST (centre-aligned) back up; the identity when that is not smaller."""
     c = _PIXELATE[s]
     b, ch, h, w = x.shape
     rh, rw = _ref_size(x)

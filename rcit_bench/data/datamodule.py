@@ -73,18 +73,29 @@ def collate_text(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return out, lengths
 
 
-def _corrupt(images: torch.Tensor, spec: dict, seed: int, image_ids: Sequence[int]) -> torch.Tensor:
+def _corrupt(images: torch.Tensor, spec: dict, seed: int, image_ids: Sequence[int], scaling: str) -> torch.Tensor:
     """Corrupt a (B, 3, H, W) batch as `spec` says; RNG from (seed, name, level, image id) inside `corrupt`, so
-    each image's pixels do not depend on the batch it is in."""
+    each image's pixels do not depend on the batch it is in. `scaling`: the DataModule's corruption_scaling,
+    required (no default) so that no call can silently fall back to 'image'."""
     from rcit_bench.data.corruptions import corrupt
 
     return corrupt(images, spec["name"], severity=spec.get("severity"), rate=spec.get("rate"), seed=int(seed),
-                   image_ids=[int(i) for i in image_ids])
+                   image_ids=[int(i) for i in image_ids], scaling=scaling)
 
 
-def _corrupt_one(image: torch.Tensor, spec: dict, seed: int, image_id: int) -> torch.Tensor:
+def _corrupt_one(image: torch.Tensor, spec: dict, seed: int, image_id: int, scaling: str) -> torch.Tensor:
     """Corrupt a single (3, H, W) image (training items each have their own noise seed)."""
-    return _corrupt(image[None], spec, seed, [image_id])[0]
+    return _corrupt(image[None], spec, seed, [image_id], scaling)[0]
+
+
+def _scalings() -> tuple[str, ...]:
+    """The corruptions module's own list of scalings (checked before workers start)."""
+    try:
+        from rcit_bench.data.corruptions import SCALINGS
+    except ImportError as exc:  # pragma: no cover - module written by another engineer
+        raise ImportError(f"corruption_scaling needs rcit_bench.data.corruptions, which could not be imported: "
+                          f"{exc}") from exc
+    return SCALINGS
 
 
 def _validate_corruption(name: str, severity: int | None, rate: float | None, where: str, arg: str) -> dict:
@@ -151,9 +162,9 @@ class _CaptionImageDataset(Dataset):
     """One item per caption with its image; training corruption decided per (seed, epoch, caption index)."""
 
     def __init__(self, store: _ImageStore, token_ids: list[list[int]], mode: str, mix: Sequence[dict],
-                 fraction: float, seed: int) -> None:
+                 fraction: float, seed: int, scaling: str) -> None:
         self.store, self.token_ids, self.mode, self.mix = store, token_ids, mode, list(mix)
-        self.fraction, self.seed = fraction, seed
+        self.fraction, self.seed, self.scaling = fraction, seed, scaling
         self.c2i = store.split.caption_to_image.tolist()
 
     def __len__(self) -> int:
@@ -171,11 +182,11 @@ class _CaptionImageDataset(Dataset):
         cseed = stable_hash(self.seed, "train-noise", epoch, k) % _SEED_MOD
         image_id = self.store.split.image_ids[i]
         if self.mode == "paired":
-            item["corrupted_image"] = _corrupt_one(image, spec, cseed, image_id)
+            item["corrupted_image"] = _corrupt_one(image, spec, cseed, image_id, self.scaling)
         else:  # augment
             item["corrupted"] = rng.random() < self.fraction
             if item["corrupted"]:
-                item["image"] = _corrupt_one(image, spec, cseed, image_id)
+                item["image"] = _corrupt_one(image, spec, cseed, image_id, self.scaling)
         return item
 
 
@@ -212,13 +223,13 @@ class _CorruptingCollate:
     """Stack unique images and corrupt the batch in one call, deterministic per (seed, image id) as one image at a
     time would be, and ~2x cheaper over the corruptions at 64 px (batched torch ops instead of per-image calls)."""
 
-    def __init__(self, spec: dict | None, seed: int) -> None:
-        self.spec, self.seed = spec, seed
+    def __init__(self, spec: dict | None, seed: int, scaling: str) -> None:
+        self.spec, self.seed, self.scaling = spec, seed, scaling
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         images = torch.stack([b["image"] for b in batch])
         if self.spec is not None:
-            images = _corrupt(images, self.spec, self.seed, [b["image_id"] for b in batch])
+            images = _corrupt(images, self.spec, self.seed, [b["image_id"] for b in batch], self.scaling)
         return {"images": images, "image_index": torch.tensor([b["image_index"] for b in batch], dtype=torch.long)}
 
 
@@ -274,6 +285,10 @@ class RetrievalDataModule(L.LightningDataModule):
         text_encoder: 'vocab' (word vocabulary from the training split) or a local Hugging Face tokenizer path.
         limit_train / limit_val / limit_test: keep the first N images (and their captions) for tiny runs.
         cache_images: decode all images once into memory as uint8 (default: on for synthetic only).
+        corruption_scaling: how every corruption made here (evaluation images, training corruptions) meets the
+            image size: 'image' (default: constants scaled by min(H, W) / 224, i.e. as on a 224 px image) or
+            'published' (the 224 px constants as published, as the `imagecorruptions` package); see
+            rcit_bench.data.corruptions. With 'image', pixelate at severities 1-3 is the identity at 64 px.
     """
 
     def __init__(
@@ -303,10 +318,12 @@ class RetrievalDataModule(L.LightningDataModule):
         limit_test: int | None = None,
         cache_images: bool | None = None,
         skip_unreadable: bool = False,
+        corruption_scaling: str = "image",
     ) -> None:
         super().__init__()
         check_choice("dataset", dataset, DATASETS)
         check_choice("train_corruption", train_corruption, TRAIN_CORRUPTION_MODES)
+        check_choice("corruption_scaling", corruption_scaling, _scalings())
         for arg, value in (("image_size", image_size), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Argument `{arg}` must be a positive integer, but got {value!r}.")
@@ -336,6 +353,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
         self.cache_images = (dataset == "synthetic") if cache_images is None else bool(cache_images)
         self.skip_unreadable = skip_unreadable
+        self.corruption_scaling = corruption_scaling
         self.corruption_mix: list[dict] = []
         if train_corruption != "none":
             mix = list(corruption_mix) if corruption_mix is not None else [dict(d) for d in DEFAULT_CORRUPTION_MIX]
@@ -459,13 +477,14 @@ class RetrievalDataModule(L.LightningDataModule):
         """Shuffled captions with their images; batch dict images/tokens/lengths/image_index/caption_index
         (+ corrupted_images in 'paired' mode)."""
         ds = _CaptionImageDataset(self._store("train"), self._token_ids("train"), self.train_corruption,
-                                  self.corruption_mix, self.augment_fraction, self.seed)
+                                  self.corruption_mix, self.augment_fraction, self.seed, self.corruption_scaling)
         self._train_sampler = _EpochSampler(len(ds), self.seed, shuffle=True)
         return self._loader(ds, self.batch_size, _Collate(_collate_caption_image, self.pad_id), self._train_sampler,
                             persistent=True)
 
     def _ordered_pairs(self, split: str) -> DataLoader:
-        ds = _CaptionImageDataset(self._store(split), self._token_ids(split), "none", [], 0.0, self.seed)
+        ds = _CaptionImageDataset(self._store(split), self._token_ids(split), "none", [], 0.0, self.seed,
+                                  self.corruption_scaling)
         return self._loader(ds, self.eval_batch_size, _Collate(_collate_caption_image, self.pad_id))
 
     def val_dataloader(self) -> DataLoader:
@@ -478,14 +497,15 @@ class RetrievalDataModule(L.LightningDataModule):
     def image_loader(self, split: str, corruption: str | None = None, severity: int | None = None,
                      rate: float | None = None) -> DataLoader:
         """Unique images of `split` as {images (B,3,S,S), image_index (B,)}, optionally corrupted per
-        (eval_seed, image id) so the pixels do not depend on batch size, order or num_workers."""
+        (eval_seed, image id) so the pixels do not depend on batch size, order or num_workers, with the
+        DataModule's `corruption_scaling`."""
         spec = None
         if corruption is not None:
             spec = _validate_corruption(corruption, severity, rate, "corruption", "corruption")
         elif severity is not None or rate is not None:
             raise ValueError(f"`severity`/`rate` given ({severity!r}/{rate!r}) without a `corruption` name.")
         return self._loader(_ImageDataset(self._store(split)), self.eval_batch_size,
-                            _CorruptingCollate(spec, self.eval_seed))
+                            _CorruptingCollate(spec, self.eval_seed, self.corruption_scaling))
 
     def caption_loader(self, split: str, perturbation: str | None = None, level: int | None = None) -> DataLoader:
         """Captions of `split` as {tokens (B,L), lengths (B,), caption_index (B,)}, optionally perturbed."""

@@ -10,6 +10,12 @@ over the adversarial part of training (p in [0, 1]). Three stages by epoch:
 2. ``adversarial_stage_epochs``: classifier + reversed encoders (``adv_weight``), with the triplet
    kept at ``adversarial_triplet_weight`` so the embedding does not drift;
 3. the remaining epochs: joint fine-tuning, triplet + ``joint_adv_weight`` (smaller) adversarial.
+
+The paper's claim is that the embedding becomes modality-invariant, i.e. the classifier falls to chance.
+``train/modality_acc`` is its per-batch accuracy on the batch it is trained on; ``val/modality_acc`` (percent,
+each validation epoch) is its accuracy on the held-out validation embeddings, balanced over the two
+modalities (mean of the accuracy on images and on texts), so 50 is chance whatever the image/caption ratio
+(5 captions per image) and a classifier answering one modality everywhere scores exactly 50.
 """
 
 from __future__ import annotations
@@ -85,3 +91,27 @@ class MIIE(RetrievalModule):
         logs = {"triplet": triplet.detach(), "adversarial": adv.detach(), "modality_acc": torch.as_tensor(acc).float(),
                 "grl_lambda": float(lambd), "stage": float(STAGES.index(stage))}
         return loss, logs
+
+    @torch.no_grad()
+    def modality_accuracy(self, image_global: Tensor, text_global: Tensor) -> float:
+        """Balanced accuracy (percent) of the modality classifier on global embeddings (N_img, D), (N_txt, D):
+        the mean of the accuracy on images (logit > 0 = image, as in training) and on texts."""
+        if not len(image_global) or not len(text_global):
+            raise ValueError(f"Arguments `image_global` and `text_global` must each hold at least one embedding, "
+                             f"but got {len(image_global)} and {len(text_global)}; pass both modalities' "
+                             f"embeddings (a balanced accuracy needs images and texts).")
+        dtype = self.modality_classifier[0].weight.dtype
+        logit_img = self.modality_classifier(nn.functional.normalize(image_global.to(dtype), dim=-1)).squeeze(-1)
+        logit_txt = self.modality_classifier(nn.functional.normalize(text_global.to(dtype), dim=-1)).squeeze(-1)
+        acc_img = (logit_img > 0).float().mean()
+        acc_txt = (logit_txt <= 0).float().mean()
+        return float(50.0 * (acc_img + acc_txt))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/modality_acc`` from the validation embeddings the base class collected, before its
+        retrieval metrics (super clears the lists)."""
+        if self._val_img and self._val_txt:
+            img = torch.cat([r["global"] for r in self._val_img])
+            txt = torch.cat([r["global"] for r in self._val_txt])
+            self.log("val/modality_acc", self.modality_accuracy(img, txt), sync_dist=False)
+        super().on_validation_epoch_end()

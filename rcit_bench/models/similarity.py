@@ -41,9 +41,20 @@ MATCHMAP_BYTES_FACTOR = 1.75
 SCAN_BYTES_FACTOR = SCAN_I2T_BYTES_FACTOR  # default for an unknown fn: the largest known
 
 
+def _sqrt(x: Tensor, inplace: bool = False) -> Tensor:
+    """``sqrt(max(x, 0))`` with a zero gradient (vector_norm's subgradient) where ``x <= 0``; NaN stays NaN.
+
+    ``Tensor.sqrt`` has an infinite derivative at 0 and inf * 0 = NaN: a single zero norm (a padded word, a zero
+    feature vector) would make the gradients of the whole block NaN. ``inplace``: overwrite ``x`` (no autograd)."""
+    if inplace:
+        return x.clamp_(min=0).sqrt_()
+    nonpos = x <= 0
+    return torch.where(nonpos, 0.0, torch.where(nonpos, 1.0, x).sqrt())
+
+
 def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    """``x / (||x|| + eps)`` along ``dim``, SCAN's l2norm (zero vectors stay zero)."""
-    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+    """``x / (||x|| + eps)`` along ``dim``, SCAN's l2norm (zero vectors stay zero, with finite gradients)."""
+    return x / (_sqrt(x.pow(2).sum(dim=dim, keepdim=True), inplace=_inplace_ok(x)) + eps)
 
 
 _MIN_GEMM_SIDE = 32
@@ -173,7 +184,7 @@ def scan_t2i(
     sq_norm = _seq_dot(alpha, g_alpha, 1)  # (N, M, L)  |a_j|^2 = alpha_j^T G alpha_j
     del g_alpha, alpha
     e_norm = torch.linalg.vector_norm(e, dim=2)  # (M, L)
-    rel = num / (e_norm[None] * sq_norm.clamp(min=0).sqrt()).clamp(min=eps)  # (N, M, L)  R_j = cos(e_j, a_j)
+    rel = num / (e_norm[None] * _sqrt(sq_norm, inplace)).clamp(min=eps)  # (N, M, L)  R_j = cos(e_j, a_j)
     return _aggregate(rel, valid[None], agg=agg, lambda2=lambda2)
 
 
@@ -197,7 +208,8 @@ def scan_i2t(
     e = l2norm(words, eps=eps) * valid[:, :, None]  # (M, L, D)
     raw = _pair_dots(v, e)  # (N, R, M, L)
     s = F.leaky_relu(raw, 0.1)
-    norm = (_seq_dot(s, s, 1).sqrt() + eps).unsqueeze(1)  # (N, 1, M, L) over regions, per word
+    # (N, 1, M, L) over regions, per word; 0 for padded words (all their s are 0), whose gradient must stay finite
+    norm = (_sqrt(_seq_dot(s, s, 1), inplace) + eps).unsqueeze(1)
     s = s.div_(norm).mul_(lambda1) if inplace else s / norm * lambda1
     s = s.masked_fill_(~valid[None, None], -math.inf) if inplace else s.masked_fill(~valid[None, None], -math.inf)
     alpha = torch.softmax(s, dim=3)  # (N, R, M, L) over valid words (last dim)
@@ -210,7 +222,7 @@ def scan_i2t(
     g_alpha = stable_matmul(alpha_m, gram)  # (M, N*R, L)
     sq_norm = (g_alpha.mul_(alpha_m) if inplace else g_alpha * alpha_m).sum(dim=2)  # (M, N*R)  |a_i|^2
     del g_alpha, alpha_m
-    a_norm = sq_norm.clamp(min=0).sqrt().view(m, n, r).permute(1, 0, 2)  # (N, M, R)
+    a_norm = _sqrt(sq_norm, inplace).view(m, n, r).permute(1, 0, 2)  # (N, M, R)
     v_norm = torch.linalg.vector_norm(v, dim=2)  # (N, R)
     rel = num.permute(0, 2, 1) / (v_norm[:, None, :] * a_norm).clamp(min=eps)  # (N, M, R)  cos(v_i, a_i)
     return _aggregate(rel.contiguous(), None, agg=agg, lambda2=lambda2)
