@@ -131,14 +131,17 @@ class _Meter:
         return 1.5
 
 
-@pytest.mark.parametrize("rsums, stopped, stop, improving, best", [
-    ([1.0, 2.0, 3.0], False, "cap", True, 3),
-    ([1.0, 3.0, 2.0], False, "cap", False, 2),
-    ([3.0, 3.0, 1.0], True, "plateau", False, 1),  # first of equal maxima, as ModelCheckpoint keeps it
+@pytest.mark.parametrize("rsums, stopped, stop, improving, best, gain", [
+    ([1.0, 2.0, 3.0], False, "cap", True, 3, 1.0),
+    ([1.0, 3.0, 2.0], False, "cap", False, 2, -1.0),
+    ([1.0, 2.0, 2.4], False, "cap", False, 3, 0.4),  # a gain within min delta (0.5) is not "improving"
+    ([3.0, 3.0, 1.0], True, "plateau", False, 1, -2.0),  # first of equal maxima, as ModelCheckpoint keeps it
 ])
-def test_budget_record_stop_reason(rsums: list[float], stopped: bool, stop: str, improving: bool, best: int) -> None:
-    tr = RN.budget_record(_Meter(rsums), {"max_epochs": 3}, {"patience": 2, "min_delta": 0.0}, stopped, 3, 30)
+def test_budget_record_stop_reason(rsums: list[float], stopped: bool, stop: str, improving: bool, best: int,
+                                   gain: float) -> None:
+    tr = RN.budget_record(_Meter(rsums), {"max_epochs": 3}, {"patience": 2, "min_delta": 0.5}, stopped, 3, 30)
     assert (tr["stop"], tr["still_improving"], tr["best_epoch"]) == (stop, improving, best)
+    assert tr["last_gain"] == pytest.approx(gain)
     assert (tr["epochs"], tr["optimizer_steps"], tr["pairs_seen"], tr["images_encoded"]) == (3, 30, 10, 20)
 
 

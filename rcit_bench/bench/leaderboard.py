@@ -277,7 +277,9 @@ def training_rows(board: Board) -> list[tuple[str, int, dict[str, Any]]]:
 
 
 def capped_while_improving(board: Board) -> list[str]:
-    return sorted({f"{e} (seed {s})" for e, s, tr in training_rows(board) if tr.get("still_improving")})
+    """'entry (seed k, +gain RSUM at its last validation)' for the entries that hit the cap while improving."""
+    return [f"`{e}` (seed {s}, +{tr['last_gain']:.1f} val RSUM at its last validation)"
+            for e, s, tr in training_rows(board) if tr.get("still_improving")]
 
 
 def budget_table(board: Board) -> str:
@@ -288,7 +290,9 @@ def budget_table(board: Board) -> str:
     for eid, seed, tr in training_rows(board):
         stop = tr.get("stop", "?")
         if stop == "cap":
-            stop = f"**cap, still improving** {CAP_MARK}" if tr.get("still_improving") else "cap"
+            gain = tr.get("last_gain")
+            stop = (f"**cap, still improving** (+{gain:.1f} at the last validation) {CAP_MARK}"
+                    if tr.get("still_improving") else "cap")
         cap = [f"{k} {tr[k]}" for k in ("max_epochs", "max_steps") if tr.get(k) not in (None, -1)]
         acc = tr.get("final_modality_acc")
         cfg_hash = next((r.record.get("config_hash") for r in board.ok[eid][seed].cells.values()
@@ -396,7 +400,7 @@ def image_change_table(board: Board) -> str | None:
                     rows_by_cell.setdefault(c, r)
     if not rows_by_cell:
         return None
-    levels = sorted({lv for _, lvs in cols for lv, _ in lvs}, key=lambda x: (x[0], float(x[1:])))
+    levels = sorted({lv for _, lvs in cols for lv, _ in lvs}, key=lambda x: (x[0] != "s", float(x[1:])))  # severities, then rates
     table = []
     for name, lvs in cols:
         row = [name]
@@ -707,8 +711,9 @@ def build_leaderboard(spec_path: str | Path | Spec, results_dir: str | Path = "r
                   "images through the image encoder (RCIT encodes a clean and a corrupted copy).\n")
         md.append(budget_table(board) + "\n")
         if capped:
-            md.append(f"{CAP_MARK} **Hit the budget cap while still improving** (the last validation was the best): "
-                      f"{', '.join(capped)}. Their numbers may understate what the method reaches.\n")
+            md.append(f"{CAP_MARK} **Hit the budget cap while still improving** (the last validation beat every "
+                      f"earlier one by more than the min delta): {', '.join(capped)}. Their numbers may understate "
+                      "what the method reaches with a larger budget.\n")
         else:
             md.append("Every entry plateaued or hit the cap after its best validation.\n")
         curves = plot_val_curves(board, out)

@@ -323,18 +323,21 @@ def budget_record(meter: Any, trainer_kw: dict[str, Any], early: dict[str, Any] 
                   epochs: int, optimizer_steps: int) -> dict[str, Any]:
     """The ``training`` section: what the model was given and what it used, and whether it plateaued.
 
-    ``stop`` is ``plateau`` when early stopping ended the run (no improvement of val RSUM for `patience`
-    validations) and ``cap`` when the maximum budget did; ``still_improving`` marks a capped run whose last
-    validation was its best."""
+    ``stop`` is ``plateau`` when early stopping ended the run (no improvement of val RSUM by more than
+    `min_delta` for `patience` validations) and ``cap`` when the maximum budget did; ``still_improving`` marks
+    a capped run whose last validation beat every earlier one by more than `min_delta`, and ``last_gain`` is by
+    how much the last validation beat the best before it (negative: it did not)."""
     curve = list(meter.curve)
     best = max(curve, key=lambda c: c["rsum"]) if curve else None  # first of equal maxima, as ModelCheckpoint
+    delta = 0.0 if early is None else float(early.get("min_delta", 0.0))
+    gain = curve[-1]["rsum"] - max(c["rsum"] for c in curve[:-1]) if len(curve) > 1 else None
     out: dict[str, Any] = {
         "epochs": int(epochs), "optimizer_steps": int(optimizer_steps), "pairs_seen": meter.pairs,
         "images_encoded": meter.images, "train_wall_time_s": round(meter.elapsed(), 3),
         "best_epoch": None if best is None else best["epoch"] + 1,  # 1-based
         "best_val_rsum": None if best is None else best["rsum"],
         "stop": "plateau" if stopped_early else "cap",
-        "still_improving": bool(not stopped_early and best is not None and best is curve[-1] and len(curve) > 1),
+        "still_improving": bool(not stopped_early and gain is not None and gain > delta), "last_gain": gain,
         "max_epochs": trainer_kw.get("max_epochs"), "max_steps": trainer_kw.get("max_steps"),
         "patience": None if early is None else early["patience"], "val_curve": curve,
     }
