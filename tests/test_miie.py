@@ -12,13 +12,7 @@ from rcit_bench.models.registry import build_method, tiny_config
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are dominated by thread overhead: one intra-op thread is much faster on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _val_loader(n_img: int = 6, caps: int = 2, batch: int = 5) -> DataLoader:
