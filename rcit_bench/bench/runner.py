@@ -626,7 +626,6 @@ class _Prepared:
     pending: list[Cell]
     base_record: dict[str, Any]
     checkpoint: str
-    train_time: float
     test_key: str
     sections: dict[str, Any]  # training budget and composed config, copied into every result record
     logged: list[tuple[str, dict[str, float]]] = field(default_factory=list)
@@ -706,7 +705,7 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
     evaluator = CellEvaluator(model, dm, seed, coco_1k=spec.dataset_kind == "coco")
     sections = {"training": state.get("training"), "config": composed, "config_hash": config_hash}
     test_key = json.dumps({k: v for k, v in dkw.items() if k not in _TRAIN_ONLY_OPTIONS}, sort_keys=True, default=str)
-    return _Prepared(entry, dm, evaluator, wb, pending, base_record, str(best), time.monotonic() - t0, test_key,
+    return _Prepared(entry, dm, evaluator, wb, pending, base_record, str(best), test_key,
                      sections)
 
 
