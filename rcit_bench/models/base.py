@@ -56,6 +56,11 @@ class RetrievalModule(L.LightningModule):
     method_name: str = "base"
     image_rep_keys: tuple[str, ...] = ("global",)
     text_rep_keys: tuple[str, ...] = ("global",)
+    #: what the method needs from the data, read by the spec and the runner (never its name):
+    #: True = it trains on a (clean, corrupted) view of every image (regime 'paired'), and only that way
+    needs_paired_views: bool = False
+    #: True = it scores word-to-region maps, so the pointing game (datasets with object boxes) evaluates it
+    localizes: bool = False
 
     def __init__(
         self,

@@ -93,6 +93,7 @@ class MatchMap(RetrievalModule):
     """Grid cells x words matchmap; MISA/SISA/SIMA similarity; triplet or DAVEnet sampled loss; heatmaps."""
 
     image_rep_keys = ("local",)
+    localizes = True
     text_rep_keys = ("words", "lengths")
 
     def __init__(self, sim_mode: str = "misa", loss: str = "triplet", sampled_margin: float = 1.0,

@@ -26,6 +26,8 @@ __all__ = ["RCIT"]
 class RCIT(RetrievalModule):
     """Triplet losses over (corrupted image, text), (clean image, text), (corrupted, clean image)."""
 
+    needs_paired_views = True
+
     def __init__(self, weight_ci_t: float = 1.0, weight_i_t: float = 1.0, weight_ci_i: float = 1.0,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
