@@ -14,7 +14,6 @@ import argparse
 import torch
 
 from rcit_bench.bench.runner import (
-    CellEvaluator,
     build_model,
     datamodule_kwargs,
     load_weights,
@@ -22,6 +21,7 @@ from rcit_bench.bench.runner import (
     method_config,
 )
 from rcit_bench.bench.spec import load_spec
+from rcit_bench.evaluation import CellEvaluator
 from rcit_bench.evaluation import evaluate
 
 

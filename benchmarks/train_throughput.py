@@ -127,7 +127,6 @@ def measure(method: str, steps: int, warmup: int, device: str, precision: str | 
     timer = Timer()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    dm._log_hyperparams = False  # as runner.train
     trainer = L.Trainer(default_root_dir=os.environ.get("TMPDIR", "/tmp") + "/rcit-throughput", callbacks=[timer],
                         logger=False, **tkw)
     trainer.fit(model, datamodule=dm)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
+from rcit_bench.bench.store import CheckpointError
+from rcit_bench.errors import UserError
 from rcit_bench.utils import keep_freed_memory
 
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
@@ -186,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What the command line reports in one line: the user's mistakes (spec, arguments, data files), missing files,
+#: a full disk, an unreadable checkpoint. Every other exception shows its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError, CheckpointError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # batched CPU work page-faults its buffers in again on every call otherwise
@@ -194,9 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).propagate = False
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:  # FileNotFoundError, a full disk: the message says what to do
+    except USER_ERRORS as err:  # the user's mistake; its message says what to do (the traceback with -v)
+        if args.verbose:
+            traceback.print_exc()
         sys.stderr.write(f"rcit-bench {args.command}: error: {err}\n")
         return 2
+    # anything else is a bug in rcit-bench or below it: Python prints the whole traceback
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ stay on the model's device. Each returned dict also carries the item order it wa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["encode_images", "encode_texts", "cat_reps", "evaluate", "evaluate_ranks", "CellEvaluation",
-           "similarity_matrix"]
+           "CellEvaluator", "ImageChange", "similarity_matrix"]
 
 _INDEX_KEYS = ("image_index", "caption_index")
 
@@ -172,3 +173,105 @@ def evaluate_ranks(
 
         metrics.update({f"1k_{k}": float(v) for k, v in coco_1k_metrics(sims, c2i).items()})
     return CellEvaluation(metrics, r_i2t, r_t2i, tie_i2t, tie_t2i, c2i)
+
+
+class CellEvaluator:
+    """Evaluates cells of one model, caching what does not depend on the cell: caption reps (encoded once),
+    clean image reps (once, reused by the clean and all text-perturbation cells)."""
+
+    def __init__(self, model: Any, dm: Any, seed: int, split: str = "test", coco_1k: bool = False) -> None:
+        self.model, self.dm, self.seed, self.split, self.coco_1k = model, dm, seed, split, coco_1k
+        self._text: dict[str, Any] | None = None
+        self._clean_images: dict[str, Any] | None = None
+        self._c2i = None
+
+    @property
+    def c2i(self) -> Any:
+        if self._c2i is None:
+            self._c2i = self.dm.caption_to_image(self.split)
+        return self._c2i
+
+    def text_reps(self) -> dict[str, Any]:
+        if self._text is None:
+            self._text = encode_texts(self.model, self.dm.caption_loader(self.split))
+        return self._text
+
+    def image_reps(self, corruption: str | None = None, severity: int | None = None,
+                   rate: float | None = None, batches: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
+        if corruption is None and self._clean_images is not None:
+            return self._clean_images
+        if batches is None:
+            batches = self.dm.image_loader(self.split, corruption=corruption, severity=severity, rate=rate)
+        reps = encode_images(self.model, batches)
+        if corruption is None:
+            self._clean_images = reps
+        return reps
+
+    def __call__(self, cell: Any, images: Iterable[dict[str, Any]] | None = None) -> Any:
+        """One cell: a :class:`~rcit_bench.evaluation.CellEvaluation` (metrics, per-query ranks, ties, and for
+        image corruptions how far the images moved), or the pointing game's metrics dict. `images`: the cell's
+        (corrupted) test image batches when already built for another entry (they depend only on the dataset,
+        seed and cell, not on the model)."""
+        if cell.kind == "pointing_game":
+            from rcit_bench.localization import pointing_game
+
+            out = pointing_game(self.model, self.dm, corruption=cell.corruption, severity=cell.severity,
+                                rate=cell.rate, split=self.split, seed=self.seed)
+            return {k: float(v) for k, v in out.items()}
+        if cell.kind == "text":
+            texts = encode_texts(self.model, self.dm.caption_loader(self.split, perturbation=cell.perturbation,
+                                                                    level=cell.level))
+            return evaluate_ranks(self.model, self.image_reps(batches=images), texts, self.c2i, coco_1k=self.coco_1k)
+        change = None
+        if cell.corruption is not None:
+            if images is None:
+                images = self.dm.image_loader(self.split, corruption=cell.corruption, severity=cell.severity,
+                                              rate=cell.rate)
+            change = ImageChange(self.dm.image_loader(self.split))
+            images = change.wrap(images)
+        reps = self.image_reps(cell.corruption, cell.severity, cell.rate, batches=images)
+        out = evaluate_ranks(self.model, reps, self.text_reps(), self.c2i, coco_1k=self.coco_1k)
+        out.image_change = None if change is None else change.result()
+        return out
+
+
+#: Below one 8-bit grey level of mean absolute change, a corruption cell is marked "barely changed": the
+#: images differ from the clean ones by less than the rounding of the 8-bit files they were decoded from.
+BARELY_CHANGED_MAD = 1.0 / 255.0
+
+
+class ImageChange:
+    """How far a cell's corrupted test images moved from the clean ones (mean and max absolute difference,
+    PSNR over the split, images left exactly unchanged), measured while the batches stream to the encoder.
+
+    A corruption whose constants are scaled to a small image can leave it untouched (pixelate at 64 px);
+    without this figure such a cell would read as "robust to pixelate"."""
+
+    def __init__(self, clean_batches: Iterable[dict[str, Any]]) -> None:
+        self._clean = iter(clean_batches)
+        self.images = self.values = self.unchanged = 0
+        self.abs_sum = self.sq_sum = self.max_abs = 0.0
+
+    def wrap(self, batches: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        for batch in batches:
+            clean = next(self._clean)
+            if not torch.equal(torch.as_tensor(clean["image_index"]), torch.as_tensor(batch["image_index"])):
+                raise RuntimeError("Corrupted and clean test images came in a different order; cannot compare them.")
+            d = (batch["images"].double() - clean["images"].double()).abs_()
+            self.images += d.shape[0]
+            self.values += d.numel()
+            self.abs_sum += float(d.sum())
+            self.sq_sum += float(d.square().sum())
+            per_image_max = d.flatten(1).amax(1)
+            self.max_abs = max(self.max_abs, float(per_image_max.max()))
+            self.unchanged += int((per_image_max == 0).sum())
+            yield batch
+
+    def result(self) -> dict[str, Any]:
+        if not self.values:
+            return {"images": 0}
+        mse = self.sq_sum / self.values
+        mad = self.abs_sum / self.values
+        return {"images": self.images, "mean_abs_diff": mad, "max_abs_diff": self.max_abs,
+                "psnr_db": None if mse == 0 else 10.0 * math.log10(1.0 / mse),  # None: identical images
+                "unchanged_images": self.unchanged, "barely_changed": mad < BARELY_CHANGED_MAD}

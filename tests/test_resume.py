@@ -65,7 +65,7 @@ def _train(spec: Any, rd: Path, max_epochs: int) -> tuple[list[tuple], dict[str,
 
     model.training_step = recording_step
     tkw = {**RN.trainer_kwargs(spec, entry, cfg), "max_epochs": max_epochs}
-    best = RN.train(model, dm, rd, 0, tkw, WandbRun(enabled=False, run_id="x", name="x", save_dir=rd)).checkpoint
+    best = RN.train(model, dm, RN.RunStore(rd), 0, tkw, WandbRun(enabled=False, run_id="x", name="x", save_dir=rd)).checkpoint
     assert Path(best) == rd / "checkpoints" / "best.ckpt"
     return steps, torch.load(rd / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 

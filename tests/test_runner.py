@@ -31,8 +31,9 @@ class Fakes:
         self.evaluated: list[tuple[str, str]] = []
         fakes = self
 
-        def fake_train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict, wb: Any,
+        def fake_train(model: Any, dm: Any, store: Any, seed: int, trainer_kw: dict, wb: Any,
                        early_stopping: Any = None) -> RN.TrainResult:
+            rd = store.folder
             entry = rd.parent.name
             fakes.trained.append(entry)
             if entry in diverge:
@@ -53,6 +54,9 @@ class Fakes:
         self.image_loads: list[tuple] = []
 
         class FakeDM:
+            def test_data_key(self) -> str:
+                return "same test images"
+
             def image_loader(self, split: str, corruption: Any = None, severity: Any = None, rate: Any = None) -> list:
                 fakes.image_loads.append((corruption, severity, rate))
                 return [{"images": None, "image_index": None}]
@@ -61,7 +65,7 @@ class Fakes:
         monkeypatch.setattr(RN, "build_model", lambda entry, cfg, dm: _Model(entry.id))
         monkeypatch.setattr(RN, "train", fake_train)
         monkeypatch.setattr(RN, "load_weights", lambda model, path: None)
-        monkeypatch.setattr(RN, "_readable_checkpoint", lambda path: True)
+        monkeypatch.setattr(RN.RunStore, "readable", lambda self, path: True)
         monkeypatch.setattr(RN, "CellEvaluator", FakeEvaluator)
 
 
@@ -138,7 +142,7 @@ def test_config_precedence() -> None:
     assert dkw["n_train"] == 128 and dkw["root"] == "data/synthetic-smoke"  # spec options beat config data
     assert dkw["corruption_mix"] == [{"name": "speckle", "rate": 0.6}, {"name": "salt_pepper", "rate": 0.6}]
     clean = RN.datamodule_kwargs(spec, spec.entry("vsepp_clean"), 0, RN.method_config(spec, spec.entry("vsepp_clean")))
-    assert clean["train_corruption"] == "none" and "corruption_mix" not in clean
+    assert clean["train_corruption"] == "clean" and "corruption_mix" not in clean
     tkw = RN.trainer_kwargs(spec, entry, cfg)
     assert tkw["max_epochs"] == 1 and tkw["limit_train_batches"] == 4  # spec trainer beats config (8 epochs)
 

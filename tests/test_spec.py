@@ -112,7 +112,7 @@ def _mutate(path: list, value: object, delete: bool = False) -> dict:
         (["entries", 1, "corruption_mix", 0, "name"], "speckel", r"`entries\[1\]\.corruption_mix\[0\]\.name`.*Did you mean 'speckle'"),
         (["entries", 1, "corruption_mix", 0], {"name": "fog", "rate": 0.5}, r"`entries\[1\]\.corruption_mix\[0\]`: 'fog' is an ImageNet-C"),
         (["entries", 1, "regime"], "augmented", r"`entries\[1\]\.regime` must be one of 'clean', 'augment', 'paired'.*Did you mean 'augment'"),
-        (["entries", 0, "regime"], "paired", r"`entries\[0\]\.regime`: 'paired' training .* needs method 'rcit'"),
+        (["entries", 0, "regime"], "paired", r"`entries\[0\]\.regime`: 'paired' training .* is for methods that train on both views \('rcit'\)"),
         (["baseline"], "vsepp", r"`baseline` must be one of 'vsepp_clean', .*Did you mean 'vsepp_aug'|`baseline` must be one of"),
         (["trainer", "max_epoch"], 1, r"Unknown spec key `trainer\.max_epoch`.*Did you mean 'max_epochs'"),
         (["dataset", "kind"], "flickr", r"`dataset\.kind` must be one of .*Did you mean 'flickr30k'"),

@@ -12,6 +12,8 @@ import pytest
 from rcit_bench.bench import results as R
 from rcit_bench.bench import wandb_log as W
 
+import wandb_offline
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "benchmarks" / "smoke.yaml"
 
@@ -78,10 +80,10 @@ def test_record_reader_spans_blocks(tmp_path: Path) -> None:
     put(small)
     path = tmp_path / "run-x.wandb"
     path.write_bytes(bytes(data))
-    assert list(W._wandb_records(path)) == [small, big, small]
+    assert list(wandb_offline._wandb_records(path)) == [small, big, small]
     path.write_bytes(b"NOPE" + bytes(data[4:]))
     with pytest.raises(ValueError, match="not a W&B run file"):
-        list(W._wandb_records(path))
+        list(wandb_offline._wandb_records(path))
 
 
 @pytest.mark.integration
@@ -97,7 +99,7 @@ def test_offline_run_matches_result_files(tmp_path: Path, monkeypatch: pytest.Mo
     run_ids = {r.wandb_run_id for r in rows}
     assert len(run_ids) == 1 and None not in run_ids
     run_id = run_ids.pop()
-    history = W.read_offline_history("runs", run_id)
+    history = wandb_offline.read_offline_history("runs", run_id)
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
     for r in rows:
         for k in keys:
@@ -105,7 +107,7 @@ def test_offline_run_matches_result_files(tmp_path: Path, monkeypatch: pytest.Mo
     assert any(k.startswith("train/") for k in history) and "val/rsum" in history  # Lightning logged training
     # the leaderboard run carries the grid table and the plots
     board = next(Path("runs/wandb").glob("offline-run-*-smoke-board-*"))
-    board_history = W.read_offline_history("runs", board.name.split("-", 3)[-1])
+    board_history = wandb_offline.read_offline_history("runs", board.name.split("-", 3)[-1])
     assert board_history["leaderboard/grid/_type"] == "table-file"
     assert any(k.startswith("leaderboard/rsum_vs_rate") for k in board_history)  # plots as wandb.Image
     rec = json.loads(R.cell_path("runs", "smoke", "vsepp_clean", 0, "clean").read_text())

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from rcit_bench.bench.reference import REPORTED
 from rcit_bench.bench.results import ResultRow, iter_results
-from rcit_bench.bench.spec import Spec, config_path, load_spec
+from rcit_bench.bench.spec import Entry, Spec, cell_id, config_path, load_spec, method_class
 from rcit_bench.utils import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class Board:
         for name in self.ic_corruptions:
             vals = []
             for s in self.ic_severities:
-                r = es.cells.get(f"ic-{name}-s{s}")
+                r = es.cells.get(_ic(name, s))
                 if r is None:
                     return None
                 vals.append(r.metrics["rsum"])
@@ -348,6 +348,30 @@ def _verdict(rs: Resampler, claim: str, a: str, b: str, cells: Sequence[str]) ->
             f"{' (' + ('higher' if diff > 0 else 'lower') + ')' if lo > 0 or hi < 0 else ''}.")
 
 
+def _ic(name: str, severity: int) -> str:
+    return cell_id("imagenet_c", corruption=name, severity=severity)
+
+
+def _rc(name: str, rate: float) -> str:
+    return cell_id("rcit", corruption=name, rate=rate)
+
+
+def _tx(perturbation: str, level: int) -> str:
+    return cell_id("text", perturbation=perturbation, level=level)
+
+
+def paired_twins(spec: Spec) -> list[tuple[Entry, Entry]]:
+    """(paired-view entry, its twin): each entry of a method that trains on (clean, corrupted) pairs, with every
+    'augment' entry of the baseline's method trained on the same corruption mix, the fair comparison of the
+    RCIT paper (the same corrupted images seen, without the pairing)."""
+    if spec.baseline is None:
+        return []
+    base_method = spec.entry(spec.baseline).method
+    mix = lambda e: sorted(map(str, e.corruption_mix))  # noqa: E731
+    return [(r, v) for r in spec.entries if method_class(r.method).needs_paired_views
+            for v in spec.entries if v.method == base_method and v.regime == "augment" and mix(v) == mix(r)]
+
+
 def verdicts(board: Board, rs: Resampler) -> list[str]:
     """One line per claim of the seed papers, from the numbers: the difference, its paired 95% interval, and
     "significant" only when the interval excludes 0."""
@@ -356,21 +380,18 @@ def verdicts(board: Board, rs: Resampler) -> list[str]:
     rc = spec.evaluation.get("rcit_protocol")
     if rc:
         rate = rc["main_rate"]
-        for r in (e for e in spec.entries if e.method == "rcit"):
-            twins = [e for e in spec.entries if e.method == "vsepp" and e.regime == "augment"
-                     and sorted(map(str, e.corruption_mix)) == sorted(map(str, r.corruption_mix))]
-            for v in twins:
-                cells = [f"rcit-{n}-r{rate:g}" for n in rc["corruptions"]]
-                for name, cell in zip(rc["corruptions"], cells):
-                    line = _verdict(rs, f"RCIT vs VSE++ trained on the same corruptions, RCIT protocol ({name}, "
-                                        f"rate {rate:g})", r.id, v.id, [cell])
-                    if line:
-                        lines.append(line)
-                if len(cells) > 1 and (line := _verdict(rs, f"the same, mean over the RCIT corruptions at rate "
-                                                            f"{rate:g}", r.id, v.id, cells)):
+        for r, v in paired_twins(spec):
+            cells = [_rc(n, rate) for n in rc["corruptions"]]
+            for name, cell in zip(rc["corruptions"], cells):
+                line = _verdict(rs, f"{r.id} vs {v.id} (the baseline's method trained on the same corruptions), "
+                                    f"RCIT protocol ({name}, rate {rate:g})", r.id, v.id, [cell])
+                if line:
                     lines.append(line)
+            if len(cells) > 1 and (line := _verdict(rs, f"the same, mean over the RCIT corruptions at rate "
+                                                        f"{rate:g}", r.id, v.id, cells)):
+                lines.append(line)
     base = spec.baseline
-    ic_cells = [f"ic-{n}-s{s}" for n in board.ic_corruptions for s in board.ic_severities]
+    ic_cells = [_ic(n, s) for n in board.ic_corruptions for s in board.ic_severities]
     if base is not None:
         for e in spec.entries:
             if e.id == base:
@@ -388,10 +409,10 @@ def image_change_table(board: Board) -> str | None:
     """Mean absolute change of the test images per corruption and level, in 8-bit grey levels (PSNR in dB)."""
     cols: list[tuple[str, list[tuple[str, str]]]] = []
     if board.ic_corruptions:
-        cols += [(n, [(f"s{s}", f"ic-{n}-s{s}") for s in board.ic_severities]) for n in board.ic_corruptions]
+        cols += [(n, [(f"s{s}", _ic(n, s)) for s in board.ic_severities]) for n in board.ic_corruptions]
     rc = board.spec.evaluation.get("rcit_protocol")
     if rc:
-        cols += [(n, [(f"r{r:g}", f"rcit-{n}-r{r:g}") for r in rc["rates"]]) for n in rc["corruptions"]]
+        cols += [(n, [(f"r{r:g}", _rc(n, r)) for r in rc["rates"]]) for n in rc["corruptions"]]
     rows_by_cell: dict[str, ResultRow] = {}
     for seeds in board.ok.values():
         for es in seeds.values():
@@ -454,7 +475,7 @@ def main_table(board: Board, rs: Resampler | None = None) -> str:
         texts.append(text)
         vals.append(value)
         summ = {s: board.summaries(e.id, s) for s in seeds}
-        ic_cells = [f"ic-{n}-s{s}" for n in board.ic_corruptions for s in board.ic_severities]
+        ic_cells = [_ic(n, s) for n in board.ic_corruptions for s in board.ic_severities]
         text, value = _rsum_with_ci(board, rs, e.id, ic_cells) if ic_cells else ("-", None)
         texts.append(text)
         vals.append(value)
@@ -504,7 +525,7 @@ def rcit_table(board: Board, rs: Resampler | None = None) -> str:
     text_rows, value_rows = [], []
     for e in board.spec.entries:
         for name in ["clean"] + list(rc["corruptions"]):
-            cell = "clean" if name == "clean" else f"rcit-{name}-r{rate:g}"
+            cell = "clean" if name == "clean" else _rc(name, rate)
             label = "clean" if name == "clean" else f"{name} (rate {rate:g})"
             texts, vals = [e.id, e.regime, label], [None, None, None]
             for key in RECALLS:
@@ -573,7 +594,7 @@ def plot_severity(board: Board, out_dir: Path) -> list[Path]:
             for e in board.spec.entries:
                 xs, ys = [], []
                 for s in [0] + board.ic_severities:
-                    v = board.cell_metric(e.id, "clean" if s == 0 else f"ic-{name}-s{s}")
+                    v = board.cell_metric(e.id, "clean" if s == 0 else _ic(name, s))
                     if v:
                         xs.append(s)
                         ys.append(_mean_std(v)[0])
@@ -611,7 +632,7 @@ def plot_rate(board: Board, out_dir: Path) -> Path:
         for e in board.spec.entries:
             xs, ys = [], []
             for r in [0.0] + list(rc["rates"]):
-                v = board.cell_metric(e.id, "clean" if r == 0 else f"rcit-{name}-r{r:g}")
+                v = board.cell_metric(e.id, "clean" if r == 0 else _rc(name, r))
                 if v:
                     xs.append(r)
                     ys.append(_mean_std(v)[0])
@@ -733,20 +754,20 @@ def build_leaderboard(spec_path: str | Path | Spec, results_dir: str | Path = "r
         md.append("Noise rate = fraction of pixels corrupted (salt-and-pepper: set to black or white; speckle: "
                   "x + x N(0, s) on the chosen pixels).\n")
         md.append(rcit_table(board, rs) + "\n")
-        cols = [(f"{n} r={r:g}", [f"rcit-{n}-r{r:g}"]) for n in rc["corruptions"] for r in rc["rates"]]
+        cols = [(f"{n} r={r:g}", [_rc(n, r)]) for n in rc["corruptions"] for r in rc["rates"]]
         md.append(_grid_table(board, [("clean", ["clean"])] + cols) + "\n")
         md.append(f"![RSUM vs noise rate]({plot_rate(board, out).name})\n")
     if board.ic_corruptions:
         md.append("## Per corruption (RSUM averaged over severities "
                   f"{board.ic_severities})\n")
-        cols = [(n, [f"ic-{n}-s{s}" for s in board.ic_severities]) for n in board.ic_corruptions]
+        cols = [(n, [_ic(n, s) for s in board.ic_severities]) for n in board.ic_corruptions]
         md.append(_grid_table(board, cols) + "\n")
         for p in plot_severity(board, out):
             md.append(f"![{p.stem}]({p.name})\n")
     if ev.get("text"):
         tx = ev["text"]
         md.append("## Text perturbations (RSUM; clean images, perturbed captions, rate = 0.05 x level)\n")
-        cols = [("clean", ["clean"])] + [(f"{p} L{lv}", [f"text-{p}-l{lv}"]) for p in tx["perturbations"]
+        cols = [("clean", ["clean"])] + [(f"{p} L{lv}", [_tx(p, lv)]) for p in tx["perturbations"]
                                          for lv in tx["levels"]]
         md.append(_grid_table(board, cols) + "\n")
     pg_entries = [e.id for e in spec.entries if any(c.kind == "pointing_game" for c in spec.cells(e))]

@@ -28,7 +28,7 @@ PACKAGES = ("torch", "torchvision", "lightning", "timm", "transformers", "torchm
 
 def cell_path(results_dir: str | Path, spec_name: str, entry_id: str, seed: int, cell_id: str) -> Path:
     """``results_dir/<spec>/<entry>/seed<k>/<cell_id>.json``."""
-    return Path(results_dir) / spec_name / entry_id / f"seed{seed}" / f"{cell_id}.json"
+    return run_dir(results_dir, spec_name, entry_id, seed) / f"{cell_id}.json"
 
 
 def run_dir(results_dir: str | Path, spec_name: str, entry_id: str, seed: int) -> Path:

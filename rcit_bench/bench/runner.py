@@ -10,20 +10,16 @@ killed at any point and rerun: finished cells are skipped, a trained model is no
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
 
 from rcit_bench.bench import results as R
 from rcit_bench.bench.spec import (
-    REGIME_TO_TRAIN_CORRUPTION,
     Cell,
     Entry,
     Spec,
@@ -32,8 +28,10 @@ from rcit_bench.bench.spec import (
     load_spec,
     sha256_json,
 )
+from rcit_bench.bench.store import CheckpointError, RunStore, load_checkpoint
 from rcit_bench.bench.wandb_log import WandbRun, new_run_id
-from rcit_bench.utils import atomic_write_text
+from rcit_bench.data.datasets import dataset_info
+from rcit_bench.evaluation import CellEvaluation, CellEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +115,7 @@ def datamodule_kwargs(spec: Spec, entry: Entry, seed: int, cfg: dict[str, Any]) 
     kw.update(spec.dataset_options)
     kw["dataset"] = spec.dataset_kind
     kw["seed"] = seed
-    kw["train_corruption"] = REGIME_TO_TRAIN_CORRUPTION[entry.regime]
+    kw["train_corruption"] = entry.regime
     if entry.regime == "clean":
         kw.pop("corruption_mix", None)
         kw.pop("augment_fraction", None)
@@ -175,21 +173,6 @@ def _seed(seed: int) -> None:
     import lightning as L
 
     L.seed_everything(seed, workers=True, verbose=False)
-
-
-def _state_path(rd: Path) -> Path:
-    return rd / "state.json"
-
-
-def _read_state(rd: Path) -> dict[str, Any]:
-    try:
-        return json.loads(_state_path(rd).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _write_state(rd: Path, state: dict[str, Any]) -> None:
-    atomic_write_text(_state_path(rd), json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def _eval_device(trainer_kw: dict[str, Any]) -> Any:
@@ -346,21 +329,21 @@ def budget_record(meter: Any, trainer_kw: dict[str, Any], early: dict[str, Any] 
     return out
 
 
-def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], wb: WandbRun,
+def train(model: Any, dm: Any, store: RunStore, seed: int, trainer_kw: dict[str, Any], wb: WandbRun,
           early_stopping: dict[str, Any] | None = None) -> TrainResult:
-    """Fit with Lightning (resuming from ``last.ckpt``, RNG states and budget counters included) until val RSUM
-    has not improved for ``early_stopping['patience']`` validations or the trainer's maximum budget is spent;
-    returns the best checkpoint (val/rsum, max) and the budget used."""
+    """Fit with Lightning (resuming from the store's ``last.ckpt``, RNG states and budget counters included) until
+    val RSUM has not improved for ``early_stopping['patience']`` validations or the trainer's maximum budget is
+    spent; returns the best checkpoint (val/rsum, max) and the budget used."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     _seed(seed)
-    ckpt_dir = rd / "checkpoints"
+    ckpt_dir = store.checkpoint_dir
     ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor="val/rsum", mode="max",
                            save_top_k=1, auto_insert_metric_name=False)
     # `save_last=True` only copies when the best improves, so after an epoch without improvement a killed run
     # would resume from an older epoch: its own callback writes last.ckpt after every epoch instead.
-    latest = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
+    latest = ModelCheckpoint(dirpath=str(ckpt_dir), filename=store.last_checkpoint.stem, monitor=None, save_top_k=1,
                              every_n_epochs=1, enable_version_counter=False, auto_insert_metric_name=False)
     meter = budget_meter()
     callbacks: list[Any] = [meter, ckpt, latest, _rng_checkpoint()]
@@ -370,198 +353,38 @@ def train(model: Any, dm: Any, rd: Path, seed: int, trainer_kw: dict[str, Any], 
                                 min_delta=float(early_stopping.get("min_delta", 0.0)), check_on_train_epoch_end=False)
         callbacks.append(stopper)
     kw = {"enable_model_summary": False, **trainer_kw}
-    # Model and datamodule both name a `text_encoder` (a network vs a tokenizer); Lightning refuses to merge
-    # such hparams for the logger. The datamodule's are recorded in the W&B config by the runner anyway.
-    dm._log_hyperparams = False
-    trainer = L.Trainer(default_root_dir=str(rd), callbacks=callbacks, logger=wb.lightning_logger() or False, **kw)
-    last = ckpt_dir / "last.ckpt"
-    resume = str(last) if last.is_file() and _readable_checkpoint(last) else None
-    trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
+    trainer = L.Trainer(default_root_dir=str(store.folder), callbacks=callbacks, logger=wb.lightning_logger() or False,
+                        **kw)
+    trainer.fit(model, datamodule=dm, ckpt_path=store.resumable(), weights_only=True)
+    last = store.last_checkpoint
     best = ckpt.best_model_path if ckpt.best_model_path and Path(ckpt.best_model_path).is_file() else ""
     best = best or (str(last) if last.is_file() else "")
     if not best:
-        raise RuntimeError(f"Training of {rd} produced no checkpoint (is max_epochs 0?).")
+        raise RuntimeError(f"Training of {store.folder} produced no checkpoint (is max_epochs 0?).")
     stopped = stopper is not None and stopper.wait_count >= stopper.patience
     return TrainResult(best, budget_record(meter, trainer_kw, early_stopping, stopped, trainer.current_epoch,
-                                                  trainer.global_step))
-
-
-def _load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with the safe loader (``weights_only=True``: tensors and plain containers only, no
-    pickled code); an unreadable file raises :class:`CheckpointError` naming it and the fix."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle error, foreign file: all mean "cannot use it"
-        raise CheckpointError(
-            f"Checkpoint {path} cannot be loaded safely ({type(err).__name__}: {err}). It is corrupt or not a "
-            "rcit-bench checkpoint: delete it (or rerun with --force) to train this entry again."
-        ) from err
-
-
-def _set_aside(path: Path, err: Exception) -> None:
-    """Rename a corrupt checkpoint to ``*.corrupt`` (kept for inspection, never deleted) so the entry is
-    trained again instead of failing on every rerun."""
-    aside = path.with_name(path.name + ".corrupt")
-    path.replace(aside)
-    log.warning("%s Moved it to %s and training this entry again.", err, aside)
-
-
-def _readable_checkpoint(path: Path) -> bool:
-    """True when Lightning can resume from `path`; a corrupt file is set aside first."""
-    try:
-        _load_checkpoint(path)
-        return True
-    except CheckpointError as err:
-        _set_aside(path, err)
-        return False
+                                           trainer.global_step))
 
 
 def load_weights(model: Any, path: str) -> None:
     """Load a Lightning checkpoint's state dict into an already built model, with the safe loader."""
-    state = _load_checkpoint(path)  # first: a bad file is reported before anything touches the model
+    state = load_checkpoint(path)  # first: a bad file is reported before anything touches the model
     model.load_state_dict(state["state_dict"])
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded with the safe loader."""
-
-
-class CellEvaluator:
-    """Evaluates cells of one model, caching what does not depend on the cell: caption reps (encoded once),
-    clean image reps (once, reused by the clean and all text-perturbation cells)."""
-
-    def __init__(self, model: Any, dm: Any, seed: int, split: str = "test", coco_1k: bool = False) -> None:
-        self.model, self.dm, self.seed, self.split, self.coco_1k = model, dm, seed, split, coco_1k
-        self._text: dict[str, Any] | None = None
-        self._clean_images: dict[str, Any] | None = None
-        self._c2i = None
-        self.image_encodings = 0  # how many times the test images were encoded (tests count this)
-        self.text_encodings = 0
-
-    @property
-    def c2i(self) -> Any:
-        if self._c2i is None:
-            self._c2i = self.dm.caption_to_image(self.split)
-        return self._c2i
-
-    def text_reps(self) -> dict[str, Any]:
-        from rcit_bench.evaluation import encode_texts
-
-        if self._text is None:
-            self._text = encode_texts(self.model, self.dm.caption_loader(self.split))
-            self.text_encodings += 1
-        return self._text
-
-    def image_reps(self, corruption: str | None = None, severity: int | None = None,
-                   rate: float | None = None, batches: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
-        from rcit_bench.evaluation import encode_images
-
-        if corruption is None and self._clean_images is not None:
-            return self._clean_images
-        if batches is None:
-            batches = self.dm.image_loader(self.split, corruption=corruption, severity=severity, rate=rate)
-        reps = encode_images(self.model, batches)
-        self.image_encodings += 1
-        if corruption is None:
-            self._clean_images = reps
-        return reps
-
-    def __call__(self, cell: Cell, images: Iterable[dict[str, Any]] | None = None) -> Any:
-        """One cell: a :class:`~rcit_bench.evaluation.CellEvaluation` (metrics, per-query ranks, ties, and for
-        image corruptions how far the images moved), or the pointing game's metrics dict. `images`: the cell's
-        (corrupted) test image batches when already built for another entry (they depend only on the dataset,
-        seed and cell, not on the model)."""
-        from rcit_bench.evaluation import encode_texts, evaluate_ranks
-
-        if cell.kind == "pointing_game":
-            from rcit_bench.localization import pointing_game
-
-            out = pointing_game(self.model, self.dm, corruption=cell.corruption, severity=cell.severity,
-                                rate=cell.rate, split=self.split, seed=self.seed)
-            return {k: float(v) for k, v in out.items()}
-        if cell.kind == "text":
-            texts = encode_texts(self.model, self.dm.caption_loader(self.split, perturbation=cell.perturbation,
-                                                                    level=cell.level))
-            self.text_encodings += 1
-            return evaluate_ranks(self.model, self.image_reps(batches=images), texts, self.c2i, coco_1k=self.coco_1k)
-        change = None
-        if cell.corruption is not None:
-            if images is None:
-                images = self.dm.image_loader(self.split, corruption=cell.corruption, severity=cell.severity,
-                                              rate=cell.rate)
-            change = ImageChange(self.dm.image_loader(self.split))
-            images = change.wrap(images)
-        reps = self.image_reps(cell.corruption, cell.severity, cell.rate, batches=images)
-        out = evaluate_ranks(self.model, reps, self.text_reps(), self.c2i, coco_1k=self.coco_1k)
-        out.image_change = None if change is None else change.result()
-        return out
-
-
-#: Below one 8-bit grey level of mean absolute change, a corruption cell is marked "barely changed": the
-#: images differ from the clean ones by less than the rounding of the 8-bit files they were decoded from.
-BARELY_CHANGED_MAD = 1.0 / 255.0
-
-
-class ImageChange:
-    """How far a cell's corrupted test images moved from the clean ones (mean and max absolute difference,
-    PSNR over the split, images left exactly unchanged), measured while the batches stream to the encoder.
-
-    A corruption whose constants are scaled to a small image can leave it untouched (pixelate at 64 px);
-    without this figure such a cell would read as "robust to pixelate"."""
-
-    def __init__(self, clean_batches: Iterable[dict[str, Any]]) -> None:
-        self._clean = iter(clean_batches)
-        self.images = self.values = self.unchanged = 0
-        self.abs_sum = self.sq_sum = self.max_abs = 0.0
-
-    def wrap(self, batches: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
-        import torch
-
-        for batch in batches:
-            clean = next(self._clean)
-            if not torch.equal(torch.as_tensor(clean["image_index"]), torch.as_tensor(batch["image_index"])):
-                raise RuntimeError("Corrupted and clean test images came in a different order; cannot compare them.")
-            d = (batch["images"].double() - clean["images"].double()).abs_()
-            self.images += d.shape[0]
-            self.values += d.numel()
-            self.abs_sum += float(d.sum())
-            self.sq_sum += float(d.square().sum())
-            per_image_max = d.flatten(1).amax(1)
-            self.max_abs = max(self.max_abs, float(per_image_max.max()))
-            self.unchanged += int((per_image_max == 0).sum())
-            yield batch
-
-    def result(self) -> dict[str, Any]:
-        import math
-
-        if not self.values:
-            return {"images": 0}
-        mse = self.sq_sum / self.values
-        mad = self.abs_sum / self.values
-        return {"images": self.images, "mean_abs_diff": mad, "max_abs_diff": self.max_abs,
-                "psnr_db": None if mse == 0 else 10.0 * math.log10(1.0 / mse),  # None: identical images
-                "unchanged_images": self.unchanged, "barely_changed": mad < BARELY_CHANGED_MAD}
-
-
-def result_sections(out: Any, result_path: Path) -> dict[str, Any]:
-    """Record sections of one evaluated cell: tie counts, 95% bootstrap intervals, image change, and the
-    per-query ranks written beside the record (before it, so a record always has its ranks)."""
-    from rcit_bench.evaluation import CellEvaluation
+def result_sections(out: Any) -> tuple[dict[str, Any], tuple[Any, Any, Any] | None]:
+    """Record sections of one evaluated cell (tie counts, 95% bootstrap intervals, image change) and the
+    per-query ranks the store writes beside the record."""
     from rcit_bench.metrics import bootstrap_from_ranks
 
     if not isinstance(out, CellEvaluation):
-        return {}
-    rp = R.ranks_path(result_path)
-    R.write_ranks(rp, out.ranks_i2t.numpy(), out.ranks_t2i.numpy(), out.caption_to_image.numpy())
+        return {}, None
     ci = bootstrap_from_ranks(out.ranks_i2t, out.ranks_t2i, out.caption_to_image, n_resamples=BOOTSTRAP_RESAMPLES,
                               confidence=0.95, seed=0)
-    sec: dict[str, Any] = {"ties": out.tie_counts(), "ranks_file": rp.name,
-                           "intervals": {k: [float(lo), float(hi)] for k, (lo, hi) in ci.items()}}
+    sec: dict[str, Any] = {"ties": out.tie_counts(), "intervals": {k: [float(lo), float(hi)] for k, (lo, hi) in ci.items()}}
     if out.image_change is not None:
         sec["image_change"] = out.image_change
-    return sec
+    return sec, (out.ranks_i2t.numpy(), out.ranks_t2i.numpy(), out.caption_to_image.numpy())
 
 
 #: Resamples of the image-level cluster bootstrap stored with every cell (intervals at 95%).
@@ -602,7 +425,7 @@ def run_spec(
     for seed in spec.seeds:
         prepared = [p for e in entries
                     if (p := _prepare(spec, e, seed, results_dir, force, use_wandb, progress, summary)) is not None]
-        _evaluate_grid(spec, prepared, seed, results_dir, progress, summary)
+        _evaluate_grid(spec, prepared, seed, progress, summary)
     summary.skipped = progress.skipped
     if build_board:
         from rcit_bench.bench.leaderboard import build_leaderboard
@@ -620,20 +443,21 @@ class _Prepared:
     """A trained (entry, seed) with the cells it still needs."""
 
     entry: Entry
+    store: RunStore
     dm: Any
     evaluator: Any
     wb: WandbRun
     pending: list[Cell]
     base_record: dict[str, Any]
     checkpoint: str
-    test_key: str
     sections: dict[str, Any]  # training budget and composed config, copied into every result record
     logged: list[tuple[str, dict[str, float]]] = field(default_factory=list)
 
-
-# datamodule options that change training only: entries differing only in these share test images
-_TRAIN_ONLY_OPTIONS = ("train_corruption", "corruption_mix", "augment_fraction", "batch_size", "eval_batch_size",
-                       "num_workers")
+    def record(self, cell: Cell, metrics: dict[str, float] | None, status: str, reason: str, sections: dict[str, Any],
+               wall_time_s: float) -> dict[str, Any]:
+        return R.make_record(**self.base_record, cell=cell.to_dict(), metrics=metrics, status=status, reason=reason,
+                             sections={**self.sections, **sections}, checkpoint=self.checkpoint,
+                             wandb_run_id=self.wb.id_or_none, wandb_url=self.wb.url, wall_time_s=wall_time_s)
 
 
 def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool, use_wandb: bool,
@@ -641,75 +465,77 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
     """Train (or resume, or reuse) the model of (entry, seed) when it has pending cells. Divergence writes a
     failed result file for every pending cell and returns None; the sweep goes on."""
     where = f"{entry.id}/seed{seed}"
-    rd = R.run_dir(results_dir, spec.name, entry.id, seed)
+    store = RunStore.of(results_dir, spec.name, entry.id, seed)
     ehash = spec.entry_hash(entry.id)
     cells = spec.cells(entry)
-    pending = [c for c in cells
-               if force or not R.is_done(R.cell_path(results_dir, spec.name, entry.id, seed, c.id), ehash)]
+    pending = store.pending(cells, ehash, force)
     progress.skip(len(cells) - len(pending))
     if not pending:
         log.info("%s: all %d cells done, skipping", where, len(cells))
         return None
-    state = _read_state(rd)
-    if force or state.get("entry_hash") != ehash:  # retrain: forced, or the entry/config changed
-        shutil.rmtree(rd / "checkpoints", ignore_errors=True)
-        state = {"entry_hash": ehash, "wandb_run_id": state.get("wandb_run_id") or new_run_id()}
-        _write_state(rd, state)
-    cfg = method_config(spec, entry)
-    composed = composed_config(spec, entry, seed, cfg)
+    state = store.begin(ehash, force, new_run_id)  # a changed entry or --force: its old checkpoints go
+    composed = composed_config(spec, entry, seed, method_config(spec, entry))
     config_hash = sha256_json(composed)
-    atomic_write_text(rd / "config.yaml", yaml.safe_dump(composed, sort_keys=True))
-    wb = WandbRun(enabled=use_wandb, run_id=state["wandb_run_id"], name=f"{spec.name}-{entry.id}-seed{seed}",
-                  save_dir=results_dir, project=spec.wandb.get("project"), entity=spec.wandb.get("entity"),
-                  tags=[spec.name, entry.method, entry.regime, *spec.wandb.get("tags", [])], group=spec.name,
-                  config={"spec": spec.name, "spec_hash": spec.hash, "entry": entry.id, "config_hash": config_hash,
-                          **composed})
-    base_record = {"spec_name": spec.name, "spec_hash": spec.hash, "entry_hash": ehash, "seed": seed,
-                   "entry": {"id": entry.id, "method": entry.method, "regime": entry.regime, "config": entry.config}}
-    tkw, dkw = composed["trainer"], composed["data"]
+    store.write_config(composed)
+    wb = _wandb_run(spec, entry, seed, results_dir, use_wandb, state["wandb_run_id"], composed, config_hash)
+    prepared = _Prepared(entry, store, None, None, wb, pending,
+                         {"spec_name": spec.name, "spec_hash": spec.hash, "entry_hash": ehash, "seed": seed,
+                          "entry": {"id": entry.id, "method": entry.method, "regime": entry.regime,
+                                    "config": entry.config}},
+                         "", {"config": composed, "config_hash": config_hash})
     t0 = time.monotonic()
     try:
-        dm = make_datamodule(dkw)
+        prepared.dm = make_datamodule(composed["data"])
         _seed(seed)  # initial weights from the seed alone, not from what ran before in this process
-        model = build_model(entry, composed, dm)
-        best = state.get("best_checkpoint") if state.get("trained") else None
-        loaded = False
-        if best and Path(best).is_file():
-            try:
-                load_weights(model, best)
-                loaded = True
-            except CheckpointError as err:  # set aside; train() resumes from last.ckpt or starts over
-                _set_aside(Path(best), err)
-        if not loaded:
-            log.info("%s: training %s (%s regime)", where, entry.method, entry.regime)
-            summary.trained.append(where)
-            result = train(model, dm, rd, seed, tkw, wb, early_stopping=spec.early_stopping)
-            best = result.checkpoint
-            state.update(trained=True, best_checkpoint=best, training=result.training)
-            _write_state(rd, state)
-            load_weights(model, best)
+        model = build_model(entry, composed, prepared.dm)
+        prepared.checkpoint = _trained_weights(model, prepared, state, seed, composed, spec, summary, where)
     except FloatingPointError as err:  # training diverged: record it, keep sweeping
         reason = f"training diverged: {err}"
         log.error("%s: %s", where, reason)
         for cell in pending:
-            rec = R.make_record(**base_record, cell=cell.to_dict(), metrics=None, status="failed", reason=reason,
-                                sections={"config": composed, "config_hash": config_hash},
-                                wandb_run_id=wb.id_or_none, wandb_url=wb.url, wall_time_s=time.monotonic() - t0)
-            R.write_result(R.cell_path(results_dir, spec.name, entry.id, seed, cell.id), rec)
+            store.write_cell(cell.id, prepared.record(cell, None, "failed", reason, {}, time.monotonic() - t0))
             summary.failed += 1
             progress.advance(where, cell.id, "failed")
         return None
     finally:
         wb.finish()  # one active W&B run at a time; evaluation resumes it by id
-    model.to(_eval_device(tkw))
-    evaluator = CellEvaluator(model, dm, seed, coco_1k=spec.dataset_kind == "coco")
-    sections = {"training": state.get("training"), "config": composed, "config_hash": config_hash}
-    test_key = json.dumps({k: v for k, v in dkw.items() if k not in _TRAIN_ONLY_OPTIONS}, sort_keys=True, default=str)
-    return _Prepared(entry, dm, evaluator, wb, pending, base_record, str(best), test_key,
-                     sections)
+    model.to(_eval_device(composed["trainer"]))
+    coco_1k = dataset_info(spec.dataset_kind).supports("coco_1k")
+    prepared.evaluator = CellEvaluator(model, prepared.dm, seed, coco_1k=coco_1k)
+    prepared.sections["training"] = state.get("training")
+    return prepared
 
 
-def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, results_dir: Path, progress: SweepProgress,
+def _trained_weights(model: Any, p: _Prepared, state: dict[str, Any], seed: int, composed: dict[str, Any],
+                     spec: Spec, summary: SweepSummary, where: str) -> str:
+    """Load the best checkpoint of a finished training into `model`, or train (resuming) and load it; returns it."""
+    best = state.get("best_checkpoint") if state.get("trained") else None
+    if best and Path(best).is_file():
+        try:
+            load_weights(model, best)
+            return str(best)
+        except CheckpointError as err:  # set aside; train() resumes from last.ckpt or starts over
+            p.store.set_aside(Path(best), err)
+    log.info("%s: training %s (%s regime)", where, p.entry.method, p.entry.regime)
+    summary.trained.append(where)
+    result = train(model, p.dm, p.store, seed, composed["trainer"], p.wb, early_stopping=spec.early_stopping)
+    state.update(trained=True, best_checkpoint=result.checkpoint, training=result.training)
+    p.store.save_state(state)
+    load_weights(model, result.checkpoint)
+    return result.checkpoint
+
+
+def _wandb_run(spec: Spec, entry: Entry, seed: int, results_dir: Path, enabled: bool, run_id: str,
+               composed: dict[str, Any], config_hash: str) -> WandbRun:
+    return WandbRun(enabled=enabled, run_id=run_id,
+                    name=f"{spec.name}-{entry.id}-seed{seed}", save_dir=results_dir, project=spec.wandb.get("project"),
+                    entity=spec.wandb.get("entity"), tags=[spec.name, entry.method, entry.regime,
+                                                           *spec.wandb.get("tags", [])],
+                    group=spec.name, config={"spec": spec.name, "spec_hash": spec.hash, "entry": entry.id,
+                                             "config_hash": config_hash, **composed})
+
+
+def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, progress: SweepProgress,
                    summary: SweepSummary) -> None:
     """Cell-major evaluation: each cell's corrupted test images are built once and encoded by every model
     that needs the cell (corrupting is the costly part on CPU), then each model's metrics go to W&B."""
@@ -717,34 +543,25 @@ def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, results_dir
     for p in prepared:
         order += [c for c in p.pending if c not in order]
     for cell in order:
-        shared: dict[str, list[dict[str, Any]]] = {}  # test_key -> image batches of this cell
+        shared: dict[str, list[dict[str, Any]]] = {}  # test-data key -> image batches of this cell
         for p in prepared:
             if cell not in p.pending:
                 continue
             where = f"{p.entry.id}/seed{seed}"
             c0 = time.monotonic()
-            status, reason, metrics, cell_sections = "ok", "", None, {}
-            path = R.cell_path(results_dir, spec.name, p.entry.id, seed, cell.id)
+            status, reason, metrics, sections, ranks = "ok", "", None, {}, None
             try:
-                images = None
-                if cell.kind in ("clean", "imagenet_c", "rcit") and sum(
-                        q.test_key == p.test_key and cell in q.pending for q in prepared) > 1:
-                    if p.test_key not in shared:
-                        shared[p.test_key] = list(p.dm.image_loader("test", corruption=cell.corruption,
-                                                                    severity=cell.severity, rate=cell.rate))
-                    images = shared[p.test_key]
-                out = p.evaluator(cell, images=images)
+                out = p.evaluator(cell, images=_shared_images(cell, p, prepared, shared))
                 metrics = out if isinstance(out, dict) else out.metrics
-                cell_sections = result_sections(out, path)
+                sections, ranks = result_sections(out)
             except FloatingPointError as err:
                 status, reason = "failed", f"evaluation failed: {err}"
             except (RuntimeError, ValueError) as err:  # one broken cell must not lose the rest of the sweep
                 status, reason = "failed", f"{type(err).__name__}: {err}"
                 log.error("%s %s failed:\n%s", where, cell.id, traceback.format_exc())
-            rec = R.make_record(**p.base_record, cell=cell.to_dict(), metrics=metrics, status=status, reason=reason,
-                                sections={**p.sections, **cell_sections}, checkpoint=p.checkpoint,
-                                wandb_run_id=p.wb.id_or_none, wandb_url=p.wb.url, wall_time_s=time.monotonic() - c0)
-            R.write_result(path, rec)
+            if ranks is not None:
+                sections["ranks_file"] = R.ranks_path(p.store.cell_path(cell.id)).name
+            p.store.write_cell(cell.id, p.record(cell, metrics, status, reason, sections, time.monotonic() - c0), ranks)
             if status == "ok":
                 summary.evaluated += 1
                 p.logged.append((cell.id, metrics or {}))
@@ -755,6 +572,21 @@ def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, results_dir
         for cell_id, metrics in p.logged:
             p.wb.log_cell(cell_id, metrics)
         p.wb.finish()
+
+
+def _shared_images(cell: Cell, p: _Prepared, prepared: list[_Prepared],
+                   shared: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]] | None:
+    """The cell's test image batches, built once for all entries with the same test data (None: one entry
+    needs them, or the cell does not use image batches)."""
+    if cell.kind not in ("clean", "imagenet_c", "rcit"):
+        return None
+    key = p.dm.test_data_key()
+    if sum(q.dm.test_data_key() == key and cell in q.pending for q in prepared) < 2:
+        return None
+    if key not in shared:
+        shared[key] = list(p.dm.image_loader("test", corruption=cell.corruption, severity=cell.severity,
+                                             rate=cell.rate))
+    return shared[key]
 
 
 def _short(status: str, metrics: dict[str, float] | None) -> str:

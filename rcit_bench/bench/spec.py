@@ -19,13 +19,11 @@ from typing import Any, Iterable
 
 import yaml
 
+from rcit_bench.errors import UserError
+from rcit_bench.data.datasets import TRAIN_REGIMES as REGIMES  # torch-free
 from rcit_bench.utils import did_you_mean
 
-REGIMES = ("clean", "augment", "paired")
-#: regime -> RetrievalDataModule ``train_corruption``
-REGIME_TO_TRAIN_CORRUPTION = {"clean": "none", "augment": "augment", "paired": "paired"}
 CELL_KINDS = ("clean", "imagenet_c", "rcit", "text", "pointing_game")
-DATASET_KINDS = ("synthetic", "flickr30k", "coco", "karpathy", "hf_imagefolder", "hf_parquet", "hf_hub")
 #: Trainer arguments a spec may set (others would change what is measured or where files go).
 TRAINER_KEYS = (
     "max_epochs", "max_steps", "limit_train_batches", "limit_val_batches", "accelerator", "devices",
@@ -82,13 +80,52 @@ def known_perturbations() -> list[str]:
     return list(list_perturbations())
 
 
+def known_datasets() -> list[str]:
+    """Registered dataset kinds (rcit_bench.data.datasets)."""
+    from rcit_bench.data.datasets import list_datasets
+
+    return list_datasets()
+
+
+def method_class(name: str) -> type:
+    """The registered class of method `name`: what it needs from the data is declared on it."""
+    from rcit_bench.models.registry import get_method_class
+
+    return get_method_class(name)
+
+
 def config_dir() -> Path:
     """Directory of the shipped method configs (``rcit_bench/configs``)."""
-    return Path(__file__).resolve().parent.parent / "configs"
+    from rcit_bench.models.registry import CONFIG_DIR
+
+    return CONFIG_DIR
 
 
 # ----------------------------------------------------------------------------------------------------------
 # data classes
+
+
+def cell_id(kind: str, corruption: str | None = None, severity: int | None = None, rate: float | None = None,
+            perturbation: str | None = None, level: int | None = None) -> str:
+    """The id of a cell, the name of its result file: ``clean``, ``ic-<name>-s<severity>``,
+    ``rcit-<name>-r<rate>``, ``text-<perturbation>-l<level>``, ``pg-clean`` / ``pg-<name>-r<rate>``. The one
+    place this format is written; the leaderboard looks cells up through it."""
+    if kind == "clean":
+        return "clean"
+    if kind == "imagenet_c":
+        return f"ic-{corruption}-s{severity}"
+    if kind == "rcit":
+        return f"rcit-{corruption}-r{rate:g}"
+    if kind == "text":
+        return f"text-{perturbation}-l{level}"
+    if kind == "pointing_game":
+        return "pg-clean" if corruption is None else f"pg-{corruption}-r{rate:g}"
+    raise UserError(f"Argument `kind` must be one of {_fmt(CELL_KINDS)}, but got {kind!r}.")
+
+
+def make_cell(kind: str, **condition: Any) -> "Cell":
+    """A :class:`Cell` of `kind` under `condition` (corruption, severity | rate, perturbation, level)."""
+    return Cell(cell_id(kind, **condition), kind, **condition)
 
 
 @dataclass(frozen=True)
@@ -149,7 +186,7 @@ class Spec:
             if e.id == entry_id:
                 return e
         ids = [e.id for e in self.entries]
-        raise ValueError(
+        raise UserError(
             f"Argument `only` must name an entry of spec '{self.name}' ({', '.join(repr(i) for i in ids)}), "
             f"but got {entry_id!r}.{did_you_mean(entry_id, ids)}"
         )
@@ -165,35 +202,27 @@ class Spec:
                             "config_sha256": hashlib.sha256(cfg_text.encode("utf-8")).hexdigest()})
 
     def cells(self, entry: Entry | str | None = None) -> list[Cell]:
-        """The evaluation grid for an entry, in evaluation order (pointing game only for matchmap)."""
-        method = None
+        """The evaluation grid for an entry, in evaluation order (pointing game only for methods that localize)."""
+        localizes = True
         if entry is not None:
-            method = (self.entry(entry) if isinstance(entry, str) else entry).method
+            localizes = method_class((self.entry(entry) if isinstance(entry, str) else entry).method).localizes
         ev = self.evaluation
         cells: list[Cell] = []
         if ev["clean"]:
-            cells.append(Cell("clean", "clean"))
+            cells.append(make_cell("clean"))
         ic = ev.get("imagenet_c")
         if ic:
-            for name in ic["corruptions"]:
-                for s in ic["severities"]:
-                    cells.append(Cell(f"ic-{name}-s{s}", "imagenet_c", corruption=name, severity=s))
+            cells += [make_cell("imagenet_c", corruption=n, severity=s) for n in ic["corruptions"] for s in ic["severities"]]
         rc = ev.get("rcit_protocol")
         if rc:
-            for name in rc["corruptions"]:
-                for r in rc["rates"]:
-                    cells.append(Cell(f"rcit-{name}-r{r:g}", "rcit", corruption=name, rate=float(r)))
+            cells += [make_cell("rcit", corruption=n, rate=float(r)) for n in rc["corruptions"] for r in rc["rates"]]
         tx = ev.get("text")
         if tx:
-            for p in tx["perturbations"]:
-                for lv in tx["levels"]:
-                    cells.append(Cell(f"text-{p}-l{lv}", "text", perturbation=p, level=lv))
-        if ev["pointing_game"] and (method is None or method == "matchmap"):
-            cells.append(Cell("pg-clean", "pointing_game"))
+            cells += [make_cell("text", perturbation=p, level=lv) for p in tx["perturbations"] for lv in tx["levels"]]
+        if ev["pointing_game"] and localizes:
+            cells.append(make_cell("pointing_game"))
             if rc:
-                for name in rc["corruptions"]:
-                    r = rc["main_rate"]
-                    cells.append(Cell(f"pg-{name}-r{r:g}", "pointing_game", corruption=name, rate=float(r)))
+                cells += [make_cell("pointing_game", corruption=n, rate=float(rc["main_rate"])) for n in rc["corruptions"]]
         return cells
 
 
@@ -212,26 +241,26 @@ def _fmt(choices: Iterable[Any]) -> str:
 
 def _check_keys(obj: Any, where: str, allowed: Iterable[str], required: Iterable[str] = ()) -> dict[str, Any]:
     if not isinstance(obj, dict):
-        raise ValueError(f"Spec key `{where}` must be a mapping, but got {type(obj).__name__} {obj!r}.")
+        raise UserError(f"Spec key `{where}` must be a mapping, but got {type(obj).__name__} {obj!r}.")
     allowed = list(allowed)
     for k in obj:
         if k not in allowed:
             path = f"{where}.{k}" if where else str(k)
-            raise ValueError(
+            raise UserError(
                 f"Unknown spec key `{path}`. Allowed keys in `{where or 'top level'}`: {_fmt(allowed)}."
                 f"{did_you_mean(str(k), allowed)}"
             )
     for k in required:
         if k not in obj:
             path = f"{where}.{k}" if where else k
-            raise ValueError(f"Spec key `{path}` is required (allowed keys: {_fmt(allowed)}).")
+            raise UserError(f"Spec key `{path}` is required (allowed keys: {_fmt(allowed)}).")
     return obj
 
 
 def _check_name(where: str, value: Any, choices: Iterable[str]) -> str:
     choices = list(choices)
     if value not in choices:
-        raise ValueError(
+        raise UserError(
             f"Spec key `{where}` must be one of {_fmt(choices)}, but got {value!r}.{did_you_mean(str(value), choices)}"
         )
     return value
@@ -241,7 +270,7 @@ def _check_list(where: str, value: Any) -> list[Any]:
     if isinstance(value, (str, int, float)):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise ValueError(f"Spec key `{where}` must be a non-empty list, but got {value!r}.")
+        raise UserError(f"Spec key `{where}` must be a non-empty list, but got {value!r}.")
     return value
 
 
@@ -250,14 +279,14 @@ def _check_levels(where: str, value: Any, allowed: Iterable[int]) -> list[int]:
     out = []
     for i, v in enumerate(_check_list(where, value)):
         if isinstance(v, bool) or not isinstance(v, int) or v not in allowed:
-            raise ValueError(f"Spec key `{where}[{i}]` must be one of {_fmt(allowed)}, but got {v!r}.")
+            raise UserError(f"Spec key `{where}[{i}]` must be one of {_fmt(allowed)}, but got {v!r}.")
         out.append(v)
     return sorted(set(out))
 
 
 def _check_rate(where: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
-        raise ValueError(f"Spec key `{where}` must be a noise rate in (0, 1], but got {v!r}.")
+        raise UserError(f"Spec key `{where}` must be a noise rate in (0, 1], but got {v!r}.")
     return float(v)
 
 
@@ -271,11 +300,11 @@ def _check_mix(where: str, value: Any) -> list[dict[str, Any]]:
         name = _check_name(f"{w}.name", item["name"], allnames)
         if name in rate_names:
             if "severity" in item or "rate" not in item:
-                raise ValueError(f"Spec key `{w}`: '{name}' is a noise-rate corruption; give `rate` (not `severity`).")
+                raise UserError(f"Spec key `{w}`: '{name}' is a noise-rate corruption; give `rate` (not `severity`).")
             mix.append({"name": name, "rate": _check_rate(f"{w}.rate", item["rate"])})
         else:
             if "rate" in item or "severity" not in item:
-                raise ValueError(f"Spec key `{w}`: '{name}' is an ImageNet-C corruption; give `severity` (1..5).")
+                raise UserError(f"Spec key `{w}`: '{name}' is an ImageNet-C corruption; give `severity` (1..5).")
             mix.append({"name": name, "severity": _check_levels(f"{w}.severity", item["severity"], SEVERITIES)[0]})
     return mix
 
@@ -298,7 +327,7 @@ def _resolve_config(where: str, value: str, method: str, spec_dir: Path | None) 
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"Spec key `{where}`: {err}") from None
     if cfg["method"] != method:
-        raise ValueError(f"Spec key `{where}`: config {value!r} is for method {cfg['method']!r}, "
+        raise UserError(f"Spec key `{where}`: config {value!r} is for method {cfg['method']!r}, "
                          f"but the entry's method is {method!r}.")
     return value
 
@@ -346,17 +375,17 @@ def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
     _check_keys(data, "", TOP_KEYS, required=("name", "dataset", "entries", "evaluation"))
     name = data["name"]
     if not isinstance(name, str) or not _ID_RE.match(name):
-        raise ValueError(f"Spec key `name` must be a short identifier (letters, digits, _ . -), but got {name!r}.")
+        raise UserError(f"Spec key `name` must be a short identifier (letters, digits, _ . -), but got {name!r}.")
 
     # dataset
     ds = _check_keys(data["dataset"], "dataset", DATASET_KEYS, required=("kind",))
-    kind = _check_name("dataset.kind", ds["kind"], DATASET_KINDS)
+    kind = _check_name("dataset.kind", ds["kind"], known_datasets())
     options = ds.get("options") or {}
     if not isinstance(options, dict):
-        raise ValueError(f"Spec key `dataset.options` must be a mapping, but got {options!r}.")
+        raise UserError(f"Spec key `dataset.options` must be a mapping, but got {options!r}.")
     for k in RUNNER_SET_DATA_OPTIONS:
         if k in options:
-            raise ValueError(
+            raise UserError(
                 f"Spec key `dataset.options.{k}` is set by the runner (from `dataset.kind`, the entry's regime "
                 f"and the seed); remove it."
             )
@@ -378,37 +407,40 @@ def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
         _check_keys(e, w, ENTRY_KEYS, required=("id", "method"))
         eid = e["id"]
         if not isinstance(eid, str) or not _ID_RE.match(eid):
-            raise ValueError(f"Spec key `{w}.id` must be an identifier (letters, digits, _ . -), but got {eid!r}.")
+            raise UserError(f"Spec key `{w}.id` must be an identifier (letters, digits, _ . -), but got {eid!r}.")
         if eid in [x.id for x in entries]:
-            raise ValueError(f"Spec key `{w}.id`: duplicate entry id {eid!r}.")
+            raise UserError(f"Spec key `{w}.id`: duplicate entry id {eid!r}.")
         method = _check_name(f"{w}.method", e["method"], methods)
         regime = _check_name(f"{w}.regime", e.get("regime", "clean"), REGIMES)
-        if regime == "paired" and method != "rcit":
-            raise ValueError(f"Spec key `{w}.regime`: 'paired' training (clean + corrupted copy) needs method 'rcit', "
-                             f"but the entry's method is {method!r}; use regime 'augment' for other methods.")
-        if method == "rcit" and regime != "paired":
-            raise ValueError(f"Spec key `{w}.regime`: method 'rcit' trains on (clean, corrupted) pairs and needs "
+        paired = method_class(method).needs_paired_views
+        if regime == "paired" and not paired:
+            takers = [m for m in methods if method_class(m).needs_paired_views]
+            raise UserError(f"Spec key `{w}.regime`: 'paired' training (clean + corrupted copy) is for methods that "
+                             f"train on both views ({_fmt(takers)}), but the entry's method is {method!r}; use regime "
+                             f"'augment' for other methods.")
+        if paired and regime != "paired":
+            raise UserError(f"Spec key `{w}.regime`: method {method!r} trains on (clean, corrupted) pairs and needs "
                              f"regime 'paired', but got {regime!r}.")
         mix: list[dict[str, Any]] = []
         if regime in ("augment", "paired"):
             if "corruption_mix" not in e:
-                raise ValueError(f"Spec key `{w}.corruption_mix` is required for regime {regime!r} "
+                raise UserError(f"Spec key `{w}.corruption_mix` is required for regime {regime!r} "
                                  f"(e.g. [{{name: speckle, rate: 0.6}}, {{name: salt_pepper, rate: 0.6}}]).")
             mix = _check_mix(f"{w}.corruption_mix", e["corruption_mix"])
         elif "corruption_mix" in e:
-            raise ValueError(f"Spec key `{w}.corruption_mix` only applies to regimes 'augment' and 'paired', "
+            raise UserError(f"Spec key `{w}.corruption_mix` only applies to regimes 'augment' and 'paired', "
                              f"but the entry's regime is 'clean'.")
         frac = e.get("augment_fraction")
         if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1):
-            raise ValueError(f"Spec key `{w}.augment_fraction` must be a number in [0, 1], but got {frac!r}.")
+            raise UserError(f"Spec key `{w}.augment_fraction` must be a number in [0, 1], but got {frac!r}.")
         config = e.get("config") or method
         if not isinstance(config, str):
-            raise ValueError(f"Spec key `{w}.config` must be a config name or .yaml path, but got {config!r}.")
+            raise UserError(f"Spec key `{w}.config` must be a config name or .yaml path, but got {config!r}.")
         config = _resolve_config(f"{w}.config", config, method, spec_dir)
         overrides = _check_keys(e.get("overrides") or {}, f"{w}.overrides", OVERRIDE_KEYS)
         for sec, val in overrides.items():
             if not isinstance(val, dict):
-                raise ValueError(f"Spec key `{w}.overrides.{sec}` must be a mapping, but got {val!r}.")
+                raise UserError(f"Spec key `{w}.overrides.{sec}` must be a mapping, but got {val!r}.")
         _check_keys(overrides.get("trainer", {}), f"{w}.overrides.trainer", TRAINER_KEYS)
         entries.append(Entry(eid, method, config, regime, mix, None if frac is None else float(frac),
                              copy.deepcopy(overrides), str(e.get("description", ""))))
@@ -417,9 +449,9 @@ def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
     seeds = _check_list("seeds", data.get("seeds", [0]))
     for i, s in enumerate(seeds):
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ValueError(f"Spec key `seeds[{i}]` must be a non-negative integer, but got {s!r}.")
+            raise UserError(f"Spec key `seeds[{i}]` must be a non-negative integer, but got {s!r}.")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"Spec key `seeds` has duplicates: {seeds!r}.")
+        raise UserError(f"Spec key `seeds` has duplicates: {seeds!r}.")
 
     # baseline
     ids = [x.id for x in entries]
@@ -458,10 +490,10 @@ def _validate_early_stopping(value: Any) -> dict[str, Any] | None:
     out = {**DEFAULT_EARLY_STOPPING, **es}
     pat, delta = out["patience"], out["min_delta"]
     if isinstance(pat, bool) or not isinstance(pat, int) or pat < 1:
-        raise ValueError(f"Spec key `early_stopping.patience` must be an integer >= 1 (validations without "
+        raise UserError(f"Spec key `early_stopping.patience` must be an integer >= 1 (validations without "
                          f"improvement of val RSUM before training stops), but got {pat!r}.")
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or delta < 0:
-        raise ValueError(f"Spec key `early_stopping.min_delta` must be a number >= 0 (RSUM points), but got {delta!r}.")
+        raise UserError(f"Spec key `early_stopping.min_delta` must be a number >= 0 (RSUM points), but got {delta!r}.")
     return {"patience": pat, "min_delta": float(delta)}
 
 
@@ -472,7 +504,7 @@ def _validate_evaluation(ev: Any, dataset_kind: str) -> dict[str, Any]:
     for flag in ("clean", "pointing_game"):
         if flag in ev:
             if not isinstance(ev[flag], bool):
-                raise ValueError(f"Spec key `evaluation.{flag}` must be true or false, but got {ev[flag]!r}.")
+                raise UserError(f"Spec key `evaluation.{flag}` must be true or false, but got {ev[flag]!r}.")
             out[flag] = ev[flag]
     if ev.get("imagenet_c"):
         ic = _check_keys(ev["imagenet_c"], "evaluation.imagenet_c", IC_KEYS, required=("corruptions",))
@@ -494,7 +526,7 @@ def _validate_evaluation(ev: Any, dataset_kind: str) -> dict[str, Any]:
         main = rc.get("main_rate", rates[0])
         main = _check_rate("evaluation.rcit_protocol.main_rate", main)
         if main not in rates:
-            raise ValueError(f"Spec key `evaluation.rcit_protocol.main_rate` must be one of the rates "
+            raise UserError(f"Spec key `evaluation.rcit_protocol.main_rate` must be one of the rates "
                              f"{_fmt(rates)}, but got {main!r}.")
         out["rcit_protocol"] = {"corruptions": list(dict.fromkeys(names)), "rates": sorted(set(rates)),
                                 "main_rate": main}
@@ -508,11 +540,15 @@ def _validate_evaluation(ev: Any, dataset_kind: str) -> dict[str, Any]:
                  for i, n in enumerate(_check_list("evaluation.text.perturbations", names))]
         levels = _check_levels("evaluation.text.levels", tx.get("levels", [1, 3, 5]), TEXT_LEVELS)
         out["text"] = {"perturbations": list(dict.fromkeys(names)), "levels": levels}
-    if out["pointing_game"] and dataset_kind != "synthetic":
-        raise ValueError("Spec key `evaluation.pointing_game` needs object boxes, which only the 'synthetic' "
-                         f"dataset has, but `dataset.kind` is {dataset_kind!r}; set it to false.")
+    if out["pointing_game"]:
+        from rcit_bench.data.datasets import dataset_info
+
+        if not dataset_info(dataset_kind).supports("pointing_game"):
+            have = [k for k in known_datasets() if dataset_info(k).supports("pointing_game")]
+            raise UserError(f"Spec key `evaluation.pointing_game` needs object boxes, which only dataset(s) "
+                             f"{_fmt(have)} have, but `dataset.kind` is {dataset_kind!r}; set it to false.")
     if not any(out[k] for k in ("clean", "imagenet_c", "rcit_protocol", "text")):
-        raise ValueError("Spec key `evaluation` selects no cells; enable `clean` or add a corruption grid.")
+        raise UserError("Spec key `evaluation` selects no cells; enable `clean` or add a corruption grid.")
     return out
 
 

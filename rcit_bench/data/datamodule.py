@@ -9,6 +9,7 @@ num_workers or batch composition.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -21,35 +22,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rcit_bench.data.captions import CaptionSplit, simple_tokenize
-from rcit_bench.data.hf import load_hf_hub, load_hf_imagefolder, load_hf_parquet
-from rcit_bench.data.karpathy import SPLITS, load_karpathy
-from rcit_bench.data.synthetic import JSON_NAME, ensure_synthetic
+from rcit_bench.data.datasets import TRAIN_REGIMES, DataSource, dataset_info
+from rcit_bench.data.karpathy import SPLITS
 from rcit_bench.data.vocab import HFTokenizer, Vocabulary
 from rcit_bench.utils import check_choice, keep_freed_memory, stable_hash
 
-__all__ = ["RetrievalDataModule", "DATASETS", "TRAIN_CORRUPTION_MODES", "collate_text", "seed_worker"]
+__all__ = ["RetrievalDataModule", "collate_text", "seed_worker"]
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "flickr30k", "coco", "karpathy", "hf_imagefolder", "hf_parquet", "hf_hub")
-TRAIN_CORRUPTION_MODES = ("none", "augment", "paired")
-DEFAULT_ROOTS = {"synthetic": "data/synthetic", "flickr30k": "data/flickr30k", "coco": "data/coco"}
 # RCIT's setting: speckle or salt-and-pepper noise on 60% of the pixels
 DEFAULT_CORRUPTION_MIX = ({"name": "speckle", "rate": 0.6}, {"name": "salt_pepper", "rate": 0.6})
 _SEED_MOD = 2**31 - 1
-
-_GET_DATA = {
-    "flickr30k": (
-        "Get the Flickr30k images (https://shannon.cs.illinois.edu/DenotationGraph/, by request) into "
-        "<root>/images/ and Karpathy's split file dataset_flickr30k.json (caption_datasets.zip from "
-        "https://cs.stanford.edu/people/karpathy/deepimagesent/) into <root>/"
-    ),
-    "coco": (
-        "Get the COCO 2014 train and val images (https://cocodataset.org) into <root>/images/train2014 and "
-        "<root>/images/val2014, and Karpathy's split file dataset_coco.json (caption_datasets.zip from "
-        "https://cs.stanford.edu/people/karpathy/deepimagesent/) into <root>/"
-    ),
-}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -175,7 +159,7 @@ class _CaptionImageDataset(Dataset):
         i = self.c2i[k]
         image = self.store.get(i)
         item: dict[str, Any] = {"image": image, "ids": self.token_ids[k], "image_index": i, "caption_index": k}
-        if self.mode == "none":
+        if self.mode == "clean":
             return item
         rng = random.Random(stable_hash(self.seed, "train-corruption", epoch, k))
         spec = self.mix[rng.randrange(len(self.mix))]
@@ -267,14 +251,15 @@ class RetrievalDataModule(L.LightningDataModule):
     """Image-text retrieval data for every dataset source, with clean / augmented / paired corrupted training.
 
     Args:
-        dataset: 'synthetic' | 'flickr30k' | 'coco' | 'karpathy' | 'hf_imagefolder' | 'hf_parquet' | 'hf_hub'.
+        dataset: a registered kind (rcit_bench.data.datasets.list_datasets(): 'synthetic', 'flickr30k', 'coco',
+            'karpathy', 'hf_imagefolder', 'hf_parquet', 'hf_hub', and any the user registers).
         root: dataset directory (synthetic: generated there, default 'data/synthetic'; flickr30k/coco: holds
             dataset_<name>.json and images/; karpathy: the image root; hf_imagefolder: the folder; hf_parquet: a
             file, directory or glob; hf_hub: the dataset name).
         json_path: the Karpathy JSON for dataset='karpathy'.
         image_size: images are delivered as (3, S, S) (shorter side resized, center crop); the synthetic set is
             generated at this size.
-        train_corruption: 'none'; 'augment' replaces `augment_fraction` of training images by a corrupted copy
+        train_corruption: 'clean'; 'augment' replaces `augment_fraction` of training images by a corrupted copy
             (corruption drawn from `corruption_mix`); 'paired' adds `corrupted_images` to every training batch.
         corruption_mix: list of {name, severity | rate}; default RCIT's speckle / salt-and-pepper at rate 0.6.
         seed: training order, training corruptions and worker seeds.
@@ -284,7 +269,7 @@ class RetrievalDataModule(L.LightningDataModule):
             not change with the training `seed`).
         text_encoder: 'vocab' (word vocabulary from the training split) or a local Hugging Face tokenizer path.
         limit_train / limit_val / limit_test: keep the first N images (and their captions) for tiny runs.
-        cache_images: decode all images once into memory as uint8 (default: on for synthetic only).
+        cache_images: decode all images once into memory as uint8 (default: as the dataset registers; synthetic).
         corruption_scaling: how every corruption made here (evaluation images, training corruptions) meets the
             image size: 'image' (default: constants scaled by min(H, W) / 224, i.e. as on a 224 px image) or
             'published' (the 224 px constants as published, as the `imagecorruptions` package); see
@@ -303,7 +288,7 @@ class RetrievalDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         eval_seed: int = 0,
-        train_corruption: str = "none",
+        train_corruption: str = "clean",
         corruption_mix: Sequence[dict] | None = None,
         augment_fraction: float = 0.5,
         n_train: int = 10000,
@@ -321,8 +306,8 @@ class RetrievalDataModule(L.LightningDataModule):
         corruption_scaling: str = "image",
     ) -> None:
         super().__init__()
-        check_choice("dataset", dataset, DATASETS)
-        check_choice("train_corruption", train_corruption, TRAIN_CORRUPTION_MODES)
+        info = dataset_info(dataset)
+        check_choice("train_corruption", train_corruption, TRAIN_REGIMES)
         check_choice("corruption_scaling", corruption_scaling, _scalings())
         for arg, value in (("image_size", image_size), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not isinstance(value, int) or value < 1:
@@ -334,15 +319,16 @@ class RetrievalDataModule(L.LightningDataModule):
         for arg, value in (("limit_train", limit_train), ("limit_val", limit_val), ("limit_test", limit_test)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"Argument `{arg}` must be a positive integer or None, but got {value!r}.")
-        if dataset == "karpathy" and (json_path is None or root is None):
-            raise ValueError("dataset='karpathy' needs `json_path` (the Karpathy JSON) and `root` (the image root).")
-        if dataset.startswith("hf_") and root is None:
-            raise ValueError(f"dataset={dataset!r} needs `root` (folder, Parquet path/glob or Hub name).")
-        self.save_hyperparameters()
-        self.dataset = dataset
-        self.root = Path(root) if root is not None and dataset != "hf_hub" else root
-        if self.root is None:
-            self.root = Path(DEFAULT_ROOTS[dataset])
+        if info.needs_json and (json_path is None or root is None):
+            raise ValueError(f"dataset={dataset!r} needs `json_path` (the Karpathy JSON) and `root` (the image root).")
+        if root is None and info.default_root is None:
+            raise ValueError(f"dataset={dataset!r} needs `root` ({info.description or 'where the data is'}).")
+        # logger=False: model and datamodule both name a `text_encoder` (a network vs a tokenizer), which
+        # Lightning refuses to merge for the logger; the runner records the datamodule's options itself
+        self.save_hyperparameters(logger=False)
+        self.dataset, self.info = dataset, info
+        root = root if root is not None else info.default_root
+        self.root = Path(root) if info.root_is_path else root
         self.json_path = Path(json_path) if json_path is not None else None
         self.image_size, self.batch_size, self.eval_batch_size = image_size, batch_size, eval_batch_size
         self.num_workers, self.seed, self.eval_seed = num_workers, int(seed), int(eval_seed)
@@ -351,11 +337,11 @@ class RetrievalDataModule(L.LightningDataModule):
         self.synthetic_seed = int(synthetic_seed)
         self.text_encoder_name, self.vocab_min_count, self.max_length = text_encoder, vocab_min_count, max_length
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
-        self.cache_images = (dataset == "synthetic") if cache_images is None else bool(cache_images)
+        self.cache_images = info.cache_images if cache_images is None else bool(cache_images)
         self.skip_unreadable = skip_unreadable
         self.corruption_scaling = corruption_scaling
         self.corruption_mix: list[dict] = []
-        if train_corruption != "none":
+        if train_corruption != "clean":
             mix = list(corruption_mix) if corruption_mix is not None else [dict(d) for d in DEFAULT_CORRUPTION_MIX]
             if not mix:
                 raise ValueError(f"Argument `corruption_mix` must not be empty when train_corruption={train_corruption!r}.")
@@ -373,43 +359,34 @@ class RetrievalDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------------------------------- loading
 
+    #: options that change only how training data is drawn and batched: two datamodules differing only in these
+    #: deliver the very same test images, so the runner corrupts a cell's test images once for both
+    TRAINING_ONLY_OPTIONS = ("train_corruption", "corruption_mix", "augment_fraction", "batch_size",
+                             "eval_batch_size", "num_workers")
+
+    def test_data_key(self) -> str:
+        """A key equal for datamodules that deliver identical test images (see TRAINING_ONLY_OPTIONS)."""
+        return json.dumps({k: v for k, v in self.hparams.items() if k not in self.TRAINING_ONLY_OPTIONS},
+                          sort_keys=True, default=str)
+
+    @property
+    def source(self) -> DataSource:
+        """What the dataset's registered loader is handed."""
+        return DataSource(self.dataset, self.root, self.json_path, self.image_size, self.skip_unreadable,
+                          {**self.synthetic_sizes, "synthetic_seed": self.synthetic_seed})
+
     def prepare_data(self) -> None:
-        if self.dataset == "synthetic":
-            ensure_synthetic(self.root, image_size=self.image_size, seed=self.synthetic_seed, **self.synthetic_sizes)
+        if self.info.prepare is not None:
+            self.info.prepare(self.source)
 
     def setup(self, stage: str | None = None) -> None:
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for s in needed.get(stage, SPLITS) if stage else SPLITS:
             self.split(s)
 
-    def _missing_root(self, path: Path) -> FileNotFoundError:
-        how = _GET_DATA.get(self.dataset, "Check the `root` argument")
-        return FileNotFoundError(
-            f"Dataset root for dataset={self.dataset!r} not found: {path}. {how} (or pass root=...). "
-            f"To run without downloading anything use dataset='synthetic'."
-        )
-
     def _load(self, split: str) -> CaptionSplit:
-        ds, root = self.dataset, self.root
-        if ds == "synthetic":
-            self.prepare_data()
-            return load_karpathy(Path(root) / JSON_NAME, Path(root) / "images", split)
-        if ds in ("flickr30k", "coco"):
-            root = Path(root)
-            if not root.is_dir():
-                raise self._missing_root(root)
-            json_path = root / f"dataset_{ds}.json"
-            if not json_path.is_file():
-                raise self._missing_root(json_path)
-            image_root = next((p for p in (root / "images", root / "flickr30k-images") if p.is_dir()), root)
-            return load_karpathy(json_path, image_root, split, skip_unreadable=self.skip_unreadable)
-        if ds == "karpathy":
-            return load_karpathy(self.json_path, root, split, skip_unreadable=self.skip_unreadable)
-        if ds == "hf_imagefolder":
-            return load_hf_imagefolder(root, split)
-        if ds == "hf_parquet":
-            return load_hf_parquet(root, split)
-        return load_hf_hub(str(root), split)
+        self.prepare_data()
+        return self.info.load(self.source, split)
 
     def split(self, split: str) -> CaptionSplit:
         """The (limited) CaptionSplit of 'train' | 'val' | 'test', loaded once."""
@@ -483,7 +460,7 @@ class RetrievalDataModule(L.LightningDataModule):
                             persistent=True)
 
     def _ordered_pairs(self, split: str) -> DataLoader:
-        ds = _CaptionImageDataset(self._store(split), self._token_ids(split), "none", [], 0.0, self.seed,
+        ds = _CaptionImageDataset(self._store(split), self._token_ids(split), "clean", [], 0.0, self.seed,
                                   self.corruption_scaling)
         return self._loader(ds, self.eval_batch_size, _Collate(_collate_caption_image, self.pad_id))
 

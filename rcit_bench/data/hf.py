@@ -17,7 +17,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from rcit_bench.errors import UserError
 from rcit_bench.data.captions import BytesImageSource, CaptionSplit, PathImageSource, simple_tokenize
+from rcit_bench.data.datasets import DataSource, register_dataset
 from rcit_bench.data.karpathy import SPLITS, safe_relative_path
 from rcit_bench.utils import check_choice
 
@@ -33,7 +35,7 @@ def _caption_column(columns: Sequence[str], where: str) -> str:
     for c in CAPTION_COLUMNS:
         if c in columns:
             return c
-    raise ValueError(
+    raise UserError(
         f"{where}: no caption column found. Expected one of {', '.join(CAPTION_COLUMNS)}, but the columns are "
         f"{', '.join(map(str, columns))}."
     )
@@ -46,18 +48,18 @@ def _parse_captions(value: Any, where: str) -> list[str]:
     if isinstance(value, dict) and "raw" in value:
         value = value["raw"] if isinstance(value["raw"], list) else [value["raw"]]
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{where}: captions must be a string or a list of strings, but got {type(value).__name__}.")
+        raise UserError(f"{where}: captions must be a string or a list of strings, but got {type(value).__name__}.")
     out = []
     for j, cap in enumerate(value):
         if isinstance(cap, dict):
             cap = cap.get("raw")
         if not isinstance(cap, str):
-            raise ValueError(f"{where}: caption #{j} must be a string, but got {type(cap).__name__} {cap!r:.60}.")
+            raise UserError(f"{where}: caption #{j} must be a string, but got {type(cap).__name__} {cap!r:.60}.")
         if not simple_tokenize(cap):
-            raise ValueError(f"{where}: caption #{j} is empty ({cap!r}).")
+            raise UserError(f"{where}: caption #{j} is empty ({cap!r}).")
         out.append(cap.strip())
     if not out:
-        raise ValueError(f"{where}: the image has no captions.")
+        raise UserError(f"{where}: the image has no captions.")
     return out
 
 
@@ -77,9 +79,9 @@ def _split_matches(value: str, split: str) -> bool:
 
 def _assemble(name: str, split: str, captions: list[list[str]], ids: list[int], source: Any, meta: dict) -> CaptionSplit:
     if not ids:
-        raise ValueError(f"{name}: no images in split {split!r} (split names accepted: {SPLIT_ALIASES[split]}).")
+        raise UserError(f"{name}: no images in split {split!r} (split names accepted: {SPLIT_ALIASES[split]}).")
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{name}: image ids of split {split!r} are not unique.")
+        raise UserError(f"{name}: image ids of split {split!r} are not unique.")
     flat, c2i = [], []
     for i, caps in enumerate(captions):
         flat.extend(caps)
@@ -99,9 +101,9 @@ def _read_jsonl(path: Path) -> list[dict]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: line {n} is not valid JSON: {exc}") from exc
+                    raise UserError(f"{path}: line {n} is not valid JSON: {exc}") from exc
                 if not isinstance(row, dict):
-                    raise ValueError(f"{path}: line {n} must be a JSON object, got {type(row).__name__}.")
+                    raise UserError(f"{path}: line {n} must be a JSON object, got {type(row).__name__}.")
                 rows.append(row)
     return rows
 
@@ -137,7 +139,7 @@ def load_hf_imagefolder(root: str | os.PathLike, split: str) -> CaptionSplit:
             fallback = position
             position += 1
             if "file_name" not in row or not isinstance(row["file_name"], str):
-                raise ValueError(f"{where}: missing the string field 'file_name' (fields present: {sorted(row)}).")
+                raise UserError(f"{where}: missing the string field 'file_name' (fields present: {sorted(row)}).")
             fname = safe_relative_path(row["file_name"], f"'file_name' of {where}")
             if "split" in row:
                 row_split = str(row["split"])
@@ -146,11 +148,11 @@ def load_hf_imagefolder(root: str | os.PathLike, split: str) -> CaptionSplit:
             elif "/" in fname.replace("\\", "/"):
                 row_split = fname.replace("\\", "/").split("/")[0]
             else:
-                raise ValueError(f"{where}: cannot tell the split: add a 'split' column or use split directories.")
+                raise UserError(f"{where}: cannot tell the split: add a 'split' column or use split directories.")
             if not _split_matches(row_split, split):
                 continue
             if cap_col not in row:
-                raise ValueError(f"{where}: missing the caption field {cap_col!r}.")
+                raise UserError(f"{where}: missing the caption field {cap_col!r}.")
             caps = _parse_captions(row[cap_col], where)
             path = base / fname
             if not path.is_file():
@@ -188,7 +190,7 @@ def _image_column(schema_names: Sequence[str], rows_sample: dict, where: str) ->
         v = rows_sample.get(c)
         if isinstance(v, dict) and "bytes" in v:
             return c
-    raise ValueError(f"{where}: no image column found (expected 'image' holding {{bytes, path}}); columns: {list(schema_names)}.")
+    raise UserError(f"{where}: no image column found (expected 'image' holding {{bytes, path}}); columns: {list(schema_names)}.")
 
 
 def _rows_to_split(
@@ -216,11 +218,11 @@ def _rows_to_split(
             caps = _parse_captions(row.get(cap_col), where)
             img = row.get(img_col)
             if not isinstance(img, dict):
-                raise ValueError(f"{where}: column {img_col!r} must hold {{bytes, path}}, but got {type(img).__name__}.")
+                raise UserError(f"{where}: column {img_col!r} must hold {{bytes, path}}, but got {type(img).__name__}.")
             blob, ipath = img.get("bytes"), img.get("path")
             if blob is None:
                 if not ipath:
-                    raise ValueError(f"{where}: image has neither bytes nor a path.")
+                    raise UserError(f"{where}: image has neither bytes nor a path.")
                 # Parquet paths are relative to the file; Hub rows point into the local HF cache
                 full = Path(ipath) if base is None else base / safe_relative_path(ipath, f"image path of {where}")
                 if not full.is_file():
@@ -248,14 +250,14 @@ def load_hf_parquet(path_or_glob: str | os.PathLike, split: str) -> CaptionSplit
         try:
             tables.append((f, pq.read_table(f)))
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError
-            raise ValueError(f"Could not read Parquet file {f}: {exc}") from exc
+            raise UserError(f"Could not read Parquet file {f}: {exc}") from exc
     has_split_col = all("split" in t.column_names for _, t in tables)
     if not has_split_col:
         def file_split(f: Path) -> str:
             return f.name.split("-")[0].split(".")[0].lower()
         chosen = [(f, t) for f, t in tables if file_split(f) in SPLIT_ALIASES[split]]
         if not chosen:
-            raise ValueError(
+            raise UserError(
                 f"No 'split' column and no Parquet file named for split {split!r} (names starting with "
                 f"{'/'.join(SPLIT_ALIASES[split])}-) among: {', '.join(f.name for f in files)}."
             )
@@ -294,7 +296,7 @@ def load_hf_hub(name: str, split: str, **load_kwargs: Any) -> CaptionSplit:
     else:
         with_col = [k for k in dsd if "split" in dsd[k].column_names]
         if not with_col:
-            raise ValueError(
+            raise UserError(
                 f"Dataset {name!r} has splits {list(dsd)} and no 'split' column, so split {split!r} cannot be found."
             )
         ds, use_file_split = datasets.concatenate_datasets([dsd[k] for k in with_col]), False
@@ -303,3 +305,24 @@ def load_hf_hub(name: str, split: str, **load_kwargs: Any) -> CaptionSplit:
             ds = ds.cast_column(col, datasets.Image(decode=False))  # keep {bytes, path}: picklable, no re-encode
     rows = ds.to_list()
     return _rows_to_split([(f"{name}", None, rows)], split, name.replace("/", "_"), use_file_split=use_file_split)
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+
+@register_dataset("hf_imagefolder")
+def _load_imagefolder(source: DataSource, split: str) -> CaptionSplit:
+    """A local Hugging Face imagefolder (`root`) with captions in metadata.jsonl."""
+    return load_hf_imagefolder(source.root, split)
+
+
+@register_dataset("hf_parquet")
+def _load_parquet(source: DataSource, split: str) -> CaptionSplit:
+    """Parquet files as `datasets` writes them (`root`: a file, a directory or a glob)."""
+    return load_hf_parquet(source.root, split)
+
+
+@register_dataset("hf_hub", root_is_path=False)
+def _load_hub(source: DataSource, split: str) -> CaptionSplit:
+    """A dataset on the Hugging Face Hub (`root`: its name) or a local dataset directory."""
+    return load_hf_hub(str(source.root), split)

@@ -14,7 +14,9 @@ import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from rcit_bench.errors import UserError
 from rcit_bench.data.captions import CaptionSplit, PathImageSource, UnreadableImageError, _open_rgb, simple_tokenize
+from rcit_bench.data.datasets import DataSource, dataset_info, register_dataset
 from rcit_bench.utils import check_choice
 
 __all__ = ["load_karpathy", "SPLITS", "safe_relative_path"]
@@ -36,10 +38,10 @@ def _layout_hint(json_path: Path, image_root: Path) -> str:
 def safe_relative_path(value: str, what: str) -> str:
     """Reject absolute paths and '..' so a dataset file can never point outside its root."""
     if PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute() or value.startswith(("/", "\\")):
-        raise ValueError(f"{what} must be a path relative to the image root, but got the absolute path {value!r}.")
+        raise UserError(f"{what} must be a path relative to the image root, but got the absolute path {value!r}.")
     parts = value.replace("\\", "/").split("/")
     if ".." in parts:
-        raise ValueError(f"{what} must stay inside the image root, but {value!r} contains '..'.")
+        raise UserError(f"{what} must stay inside the image root, but {value!r} contains '..'.")
     return value
 
 
@@ -50,11 +52,11 @@ def _entry_name(i: int, entry: Any) -> str:
 
 def _require(entry: dict, key: str, types: type | tuple[type, ...], where: str, json_path: Path) -> Any:
     if key not in entry:
-        raise ValueError(f"{json_path.name}: {where} is missing the field {key!r} (fields present: {sorted(entry)}).")
+        raise UserError(f"{json_path.name}: {where} is missing the field {key!r} (fields present: {sorted(entry)}).")
     value = entry[key]
     if not isinstance(value, types) or isinstance(value, bool):
         tname = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
-        raise ValueError(
+        raise UserError(
             f"{json_path.name}: field {key!r} of {where} must be of type {tname}, but got "
             f"{type(value).__name__} {value!r:.80}."
         )
@@ -64,20 +66,20 @@ def _require(entry: dict, key: str, types: type | tuple[type, ...], where: str, 
 def _parse_sentence(sent: Any, j: int, where: str, json_path: Path) -> tuple[str, list[str]]:
     swhere = f"sentence #{j} of {where}"
     if not isinstance(sent, dict):
-        raise ValueError(f"{json_path.name}: {swhere} must be an object with 'raw' and 'tokens', got {sent!r:.80}.")
+        raise UserError(f"{json_path.name}: {swhere} must be an object with 'raw' and 'tokens', got {sent!r:.80}.")
     raw = _require(sent, "raw", str, swhere, json_path)
     if not raw.strip():
-        raise ValueError(f"{json_path.name}: {swhere} has an empty caption ('raw' is {raw!r}).")
+        raise UserError(f"{json_path.name}: {swhere} has an empty caption ('raw' is {raw!r}).")
     tokens = sent.get("tokens")
     if tokens is None:
         tokens = simple_tokenize(raw)
     elif not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-        raise ValueError(f"{json_path.name}: field 'tokens' of {swhere} must be a list of strings, got {tokens!r:.80}.")
+        raise UserError(f"{json_path.name}: field 'tokens' of {swhere} must be a list of strings, got {tokens!r:.80}.")
     tokens = [t for t in tokens if t]
     if not tokens:
         tokens = simple_tokenize(raw)
     if not tokens:
-        raise ValueError(f"{json_path.name}: {swhere} has no word tokens (raw caption {raw!r}).")
+        raise UserError(f"{json_path.name}: {swhere} has no word tokens (raw caption {raw!r}).")
     return raw.strip(), list(tokens)
 
 
@@ -118,12 +120,12 @@ def load_karpathy(
         with open(json_path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{json_path} is not valid JSON: {exc}") from exc
+        raise UserError(f"{json_path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or "images" not in data:
-        raise ValueError(f"{json_path.name}: expected a JSON object with an 'images' list at the top level.")
+        raise UserError(f"{json_path.name}: expected a JSON object with an 'images' list at the top level.")
     images = data["images"]
     if not isinstance(images, list):
-        raise ValueError(f"{json_path.name}: field 'images' must be a list, got {type(images).__name__}.")
+        raise UserError(f"{json_path.name}: field 'images' must be a list, got {type(images).__name__}.")
 
     annotations = _load_annotations(json_path)
     members = _SPLIT_MEMBERS[split]
@@ -138,10 +140,10 @@ def load_karpathy(
     for i, entry in enumerate(images):
         where = _entry_name(i, entry)
         if not isinstance(entry, dict):
-            raise ValueError(f"{json_path.name}: {where} must be a JSON object, got {type(entry).__name__}.")
+            raise UserError(f"{json_path.name}: {where} must be a JSON object, got {type(entry).__name__}.")
         entry_split = _require(entry, "split", str, where, json_path)
         if entry_split not in _KNOWN_JSON_SPLITS:
-            raise ValueError(
+            raise UserError(
                 f"{json_path.name}: field 'split' of {where} must be one of {', '.join(_KNOWN_JSON_SPLITS)}, "
                 f"but got {entry_split!r}."
             )
@@ -149,7 +151,7 @@ def load_karpathy(
             continue
         filename = safe_relative_path(_require(entry, "filename", str, where, json_path), f"'filename' of {where}")
         if not filename:
-            raise ValueError(f"{json_path.name}: {where} has an empty 'filename'.")
+            raise UserError(f"{json_path.name}: {where} has an empty 'filename'.")
         rel = filename
         if "filepath" in entry:
             filepath = safe_relative_path(_require(entry, "filepath", str, where, json_path), f"'filepath' of {where}")
@@ -159,15 +161,15 @@ def load_karpathy(
         elif "imgid" in entry:
             image_id = _require(entry, "imgid", int, where, json_path)
         else:
-            raise ValueError(f"{json_path.name}: {where} is missing the field 'imgid' (or 'cocoid' for COCO).")
+            raise UserError(f"{json_path.name}: {where} is missing the field 'imgid' (or 'cocoid' for COCO).")
         sentences = _require(entry, "sentences", list, where, json_path)
         if not sentences:
-            raise ValueError(f"{json_path.name}: {where} has no captions ('sentences' is empty).")
+            raise UserError(f"{json_path.name}: {where} has no captions ('sentences' is empty).")
         parsed = [_parse_sentence(s, j, where, json_path) for j, s in enumerate(sentences)]
 
         path = image_root / rel
         if not path.resolve().is_relative_to(root_resolved):  # symlink tricks
-            raise ValueError(f"{json_path.name}: image path {rel!r} of {where} resolves outside the image root.")
+            raise UserError(f"{json_path.name}: image path {rel!r} of {where} resolves outside the image root.")
         if not path.is_file():
             if skip_unreadable:
                 skipped.append(str(path))
@@ -199,9 +201,9 @@ def load_karpathy(
             stacklevel=2,
         )
     if not image_ids:
-        raise ValueError(f"{json_path.name} has no images in split {split!r} (JSON splits counted: {members}).")
+        raise UserError(f"{json_path.name} has no images in split {split!r} (JSON splits counted: {members}).")
     if len(set(image_ids)) != len(image_ids):
-        raise ValueError(f"{json_path.name}: image ids (cocoid/imgid) of split {split!r} are not unique.")
+        raise UserError(f"{json_path.name}: image ids (cocoid/imgid) of split {split!r} are not unique.")
     return CaptionSplit(
         image_ids=image_ids,
         captions=captions,
@@ -212,3 +214,42 @@ def load_karpathy(
         name=f"{json_path.stem.removeprefix('dataset_')}/{split}",
         meta={"json_path": str(json_path), "image_root": str(image_root), "skipped": len(skipped)},
     )
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+_KARPATHY_FILES = "Karpathy's split file dataset_{0}.json (caption_datasets.zip from " \
+                  "https://cs.stanford.edu/people/karpathy/deepimagesent/) into <root>/"
+
+
+def _load_named(source: DataSource, split: str) -> CaptionSplit:
+    """<root>/dataset_<kind>.json and the images under <root>/images/ (or flickr30k-images/, or <root>)."""
+    info = dataset_info(source.kind)
+    root = Path(source.root)
+    if not root.is_dir():
+        raise info.missing(root)
+    json_path = root / f"dataset_{source.kind}.json"
+    if not json_path.is_file():
+        raise info.missing(json_path)
+    image_root = next((p for p in (root / "images", root / "flickr30k-images") if p.is_dir()), root)
+    return load_karpathy(json_path, image_root, split, skip_unreadable=source.skip_unreadable)
+
+
+register_dataset(
+    "flickr30k", default_root="data/flickr30k",
+    get_data="Get the Flickr30k images (https://shannon.cs.illinois.edu/DenotationGraph/, by request) into "
+             "<root>/images/ and " + _KARPATHY_FILES.format("flickr30k"),
+    description="Flickr30k with Karpathy's splits (1,000 test images)",
+)(_load_named)
+register_dataset(
+    "coco", default_root="data/coco", protocols=("coco_1k",),
+    get_data="Get the COCO 2014 train and val images (https://cocodataset.org) into <root>/images/train2014 and "
+             "<root>/images/val2014, and " + _KARPATHY_FILES.format("coco"),
+    description="MS-COCO with Karpathy's splits (5,000 test images; 5-fold 1K protocol too)",
+)(_load_named)
+
+
+@register_dataset("karpathy", needs_json=True, get_data="Pass json_path (a Karpathy JSON) and root (its image root)")
+def _load_karpathy_json(source: DataSource, split: str) -> CaptionSplit:
+    """Any Karpathy-format JSON (`json_path`) with its image root (`root`)."""
+    return load_karpathy(source.json_path, source.root, split, skip_unreadable=source.skip_unreadable)

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from rcit_bench.data.datasets import DataSource, register_dataset
 from rcit_bench.utils import atomic_write_text
 
 __all__ = [
@@ -473,3 +474,22 @@ def ensure_synthetic(
             generate_synthetic(root, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed,
                                num_workers=num_workers)
     return root
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+
+def _prepare(source: DataSource) -> None:
+    o = source.options
+    ensure_synthetic(source.root, image_size=source.image_size, seed=o.get("synthetic_seed", 0),
+                     n_train=o.get("n_train", 10000), n_val=o.get("n_val", 1000), n_test=o.get("n_test", 1000))
+
+
+@register_dataset("synthetic", default_root="data/synthetic", protocols=("pointing_game",), prepare=_prepare,
+                  cache_images=True, get_data="It is generated there on first use")
+def _load(source: DataSource, split: str) -> Any:
+    """The embedded synthetic set (shapes in scenes, captions from a grammar, object boxes), generated in `root`."""
+    from rcit_bench.data.karpathy import load_karpathy  # the Karpathy layout; imported here: it imports torch
+
+    root = Path(source.root)
+    return load_karpathy(root / JSON_NAME, root / "images", split)
