@@ -18,6 +18,9 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from rcit_bench.models.layers import lengths_to_mask
+from rcit_bench.utils import PAD_ID
+
 __all__ = ["pointing_hits", "pointing_chance", "pointing_game"]
 
 log = logging.getLogger(__name__)
@@ -153,7 +156,8 @@ def pointing_game(
       list of per-image dicts ``{objects: [{box: [x0, y0, x1, y1]}], captions: [{word_objects: [[pos, obj]]}]}``
       where ``pos`` indexes the caption's word tokens.
     The model must have ``localize_batch(images, tokens, lengths) -> (P, L, H, W)``; captions are encoded
-    with ``<start>`` first, so word ``pos`` reads heatmap row ``pos + 1``.
+    with ``<start>`` first, so word ``pos`` reads heatmap row ``pos + 1``, and padded with the vocabulary's
+    ``pad_id`` (:data:`rcit_bench.utils.PAD_ID` when it has none).
     """
     if not hasattr(model, "localize_batch"):
         raise ValueError(
@@ -164,6 +168,7 @@ def pointing_game(
     vocab = vocab if vocab is not None else getattr(data, "vocab", None)
     if vocab is None:
         raise ValueError("Argument `vocab` is required when `data` is a CaptionSplit (it encodes the captions).")
+    pad_id = int(getattr(vocab, "pad_id", PAD_ID))
     queries = _queries(cap_split, _load_annotations(annotations, cap_split))
     model.eval()
     device = next(model.parameters()).device
@@ -194,9 +199,8 @@ def pointing_game(
                         f"caption {c} has {len(cap_split.tokens[c])} words but {len(seq)} ids."
                     )
             lengths = torch.tensor([len(s) for s in ids])
-            tokens = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)
-            for j, s in enumerate(ids):
-                tokens[j, : len(s)] = torch.tensor(s)
+            tokens = torch.full((len(ids), int(lengths.max())), pad_id, dtype=torch.long)
+            tokens[lengths_to_mask(lengths, tokens.shape[1])] = torch.tensor([t for s in ids for t in s])  # row-major
             rows = torch.tensor([r for r, _ in chunk])
             heat = model.localize_batch(images[rows].to(device), tokens.to(device), lengths.to(device))
             sel = (q_pair_t >= start) & (q_pair_t < start + len(chunk))

@@ -1,5 +1,5 @@
 """Small helpers shared across the suite: name checking with suggestions, atomic writes, stable hashes, the
-allocator setting the suite runs with."""
+allocator setting the suite runs with, the padding token id."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterable
+
+#: Token id of ``<pad>`` in the suite's word vocabulary (``rcit_bench.data.vocab.Vocabulary``), which pads every
+#: caption batch; the text encoders' embedding ``padding_idx`` and the pointing game's captions default to it.
+#: Here, not in ``rcit_bench.data``, so that ``rcit_bench.models`` can use it without importing the data layer.
+PAD_ID = 0
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

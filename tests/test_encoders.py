@@ -15,17 +15,12 @@ from rcit_bench.models.registry import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_registries_list_builtins() -> None:
-    assert {"small_cnn", "timm", "precomputed"} <= set(list_image_encoders())
-    assert {"gru", "bigru", "transformer"} <= set(list_text_encoders())
+    assert set(list_image_encoders()) == {"small_cnn", "timm"}
+    assert set(list_text_encoders()) == {"gru", "bigru", "transformer"}
 
 
 def test_small_cnn_grid_and_internal_preprocessing() -> None:
@@ -115,12 +110,17 @@ def test_unknown_encoder_names() -> None:
         build_text_encoder("gru", embed_dim=8)
 
 
-def test_precomputed_regions() -> None:
-    enc = build_image_encoder("precomputed", embed_dim=8, feat_dim=12)
-    out = enc(torch.rand(3, 5, 12))
-    assert out["global"].shape == (3, 8) and out["local"].shape == (3, 5, 8)
-    with pytest.raises(ValueError, match=r"region features \(B, R, 12\)"):
-        enc(torch.rand(3, 3, 8, 8))
+@pytest.mark.parametrize("name", ["gru", "bigru"])
+def test_text_encoder_padding_idx_is_the_vocabulary_pad_id(name: str) -> None:
+    """The models' padding_idx default and the data layer's <pad> id are one constant (models import no data)."""
+    from rcit_bench.data.vocab import PAD, Vocabulary
+    from rcit_bench.utils import PAD_ID
+
+    vocab = Vocabulary.build([["a", "red", "cube"]])
+    enc = build_text_encoder(name, embed_dim=4, vocab_size=len(vocab), word_dim=3)
+    assert vocab.itos[vocab.pad_id] == PAD and vocab.pad_id == PAD_ID
+    assert enc.embed.padding_idx == vocab.pad_id
+    assert torch.all(enc.embed.weight[vocab.pad_id] == 0) and torch.all(enc.embed.weight[vocab.pad_id + 1] != 0)
 
 
 def test_gru_packing_matches_unpadded_and_last_word() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,20 +11,10 @@ from torch import nn
 
 from rcit_bench.data.captions import CaptionSplit
 from rcit_bench.localization import pointing_game, pointing_hits
+from rcit_bench.utils import PAD_ID
+from conftest import WordVocab
 
 SIZE = 8
-
-
-class WordVocab:
-    """Word-level vocabulary with the suite's specials (<start>=1, <end>=2)."""
-
-    def __init__(self, words: list[str]) -> None:
-        self.ids = {w: i + 4 for i, w in enumerate(words)}
-        self.words = {i: w for w, i in self.ids.items()}
-        self.pad_id = 0
-
-    def encode(self, tokens: list[str]) -> list[int]:
-        return [1] + [self.ids[t] for t in tokens] + [2]
 
 
 class PlantedModel(nn.Module):
@@ -122,3 +113,26 @@ def test_pointing_game_corrupted_path_changes_images_not_queries() -> None:
     noisy = pointing_game(Recording(VOCAB, PEAKS), _split(ANNS), vocab=VOCAB, corruption="gaussian_noise", severity=5)
     assert clean == noisy == {"accuracy": 75.0, "centre_accuracy": 75.0, "random_accuracy": 25.0, "n": 4}  # planted peaks ignore pixels
     assert not torch.equal(seen[0], seen[1])  # but the model saw corrupted pixels
+
+
+def test_pointing_game_pads_captions_with_the_vocabulary_pad_id() -> None:
+    seen = []
+
+    class Recording(PlantedModel):
+        def localize_batch(self, images, tokens, lengths):
+            seen.append((tokens.clone(), lengths.clone()))
+            return super().localize_batch(images, tokens, lengths)
+
+    odd = WordVocab(["red", "blue", "a", "big", "green"])
+    odd.pad_id = 99  # not a word id: padding must come from the vocabulary, not a hard-coded 0
+    out = pointing_game(Recording(odd, PEAKS), _split(ANNS), vocab=odd, batch_size=2)
+    assert out["accuracy"] == 75.0
+    without_pad = SimpleNamespace(encode=odd.encode)  # a vocabulary without `pad_id`: the suite's PAD_ID
+    pointing_game(Recording(odd, PEAKS), _split(ANNS), vocab=without_pad, batch_size=2)
+    (tokens, lengths), (tokens_default, _) = seen
+    # captions of 4, 5 and 3 ids ("red blue", "a big blue", "green" with <start>/<end>) in one (3, 5) batch
+    assert lengths.tolist() == [4, 5, 3] and tokens.shape == (3, 5)
+    for row, n in enumerate(lengths.tolist()):
+        assert tokens[row, n:].tolist() == [99] * (5 - n)
+        assert tokens_default[row, n:].tolist() == [PAD_ID] * (5 - n)
+        assert torch.equal(tokens[row, :n], tokens_default[row, :n])

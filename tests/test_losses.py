@@ -14,7 +14,6 @@ from rcit_bench.models.losses import (
     grl_lambda,
     modality_adversarial_loss,
     triplet_ranking_loss,
-    triplet_ranking_loss_cross,
 )
 
 
@@ -57,11 +56,21 @@ def test_triplet_edge_cases():
     assert float(triplet_ranking_loss(torch.tensor([[0.3]]))) == 0.0
 
 
-def test_triplet_is_asymmetric_and_cross_alias():
+def test_triplet_on_non_symmetric_cross_matrix():
+    """RCIT's L(CI, I) scores corrupted against clean images: S is not symmetric, each direction counts once."""
+    # hand values, margin 0.2: row 0's hardest negative 0.9 costs 0.6, row 1's costs nothing; column 1's
+    # anchor S[1, 1] = 0.5 against S[0, 1] = 0.9 costs 0.6, column 0's nothing
+    sims = torch.tensor([[0.5, 0.9], [0.1, 0.5]])
+    assert float(triplet_ranking_loss(sims, margin=0.2)) == pytest.approx(1.2)
+    assert float(triplet_ranking_loss(sims, margin=0.2, max_violation=False)) == pytest.approx(1.2)
     g = torch.Generator().manual_seed(3)
     sims = torch.randn(6, 6, generator=g)
-    assert float(triplet_ranking_loss_cross(sims)) == pytest.approx(float(triplet_ranking_loss(sims)))
-    assert float(triplet_ranking_loss(sims.T)) == pytest.approx(ref_triplet(sims.T, 0.2, True), abs=1e-5)
+    assert not torch.allclose(sims, sims.T)
+    for margin, hardest in ((0.2, True), (0.5, False)):
+        got = float(triplet_ranking_loss(sims, margin=margin, max_violation=hardest))
+        assert got == pytest.approx(ref_triplet(sims, margin, hardest), abs=1e-5)
+        # swapping the two sides swaps the two directions: the same total
+        assert float(triplet_ranking_loss(sims.T, margin=margin, max_violation=hardest)) == pytest.approx(got, abs=1e-5)
 
 
 def test_triplet_gradient_hits_only_hardest_negatives():

@@ -7,36 +7,30 @@ import torch
 import torch.nn.functional as F
 
 from rcit_bench.models.matchmap import MatchMap, sampled_margin_loss, word_heatmaps
-from rcit_bench.models.registry import build_method, list_methods, tiny_config
+from rcit_bench.models.registry import get_method_class
+from conftest import WordVocab, caption_batch, tiny_model
 
 
-def _model(**over) -> MatchMap:
-    torch.manual_seed(0)
-    cfg = tiny_config("matchmap")
-    cfg.update(over)
-    return build_method("matchmap", **cfg).eval()
-
-
-def _batch(b: int = 5, length: int = 7, size: int = 32):
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(4, 40, (b, length), generator=g)
-    tokens[:, 0] = 1
-    lengths = torch.tensor([length, 3, 5, length, 4][:b])
-    for i, n in enumerate(lengths.tolist()):
-        tokens[i, n - 1] = 2
-        tokens[i, n:] = 0
-    return torch.rand(b, 3, size, size, generator=g), tokens, lengths
-
-
-def test_registered_with_tiny_config() -> None:
-    assert "matchmap" in list_methods()
-    assert tiny_config("matchmap")["embed_dim"] == 32
+def test_registered_tiny_model_shapes() -> None:
+    assert get_method_class("matchmap") is MatchMap
+    model = tiny_model("matchmap")
+    images, tokens, lengths = caption_batch()
+    with torch.no_grad():
+        img, txt = model.encode_image(images), model.encode_text(tokens, lengths)
+    assert set(img) == {"local"} and set(txt) == {"words", "lengths"}
+    # tiny config: 32 px, channels [8, 16, 32], stem stride 1 -> two stride-2 convs -> an 8 x 8 grid; embed_dim 32
+    assert img["local"].shape == (5, 64, 32)
+    assert txt["words"].shape == (5, 7, 32) and torch.equal(txt["lengths"], lengths)
+    # normalize=True: unit cells, unit valid words, zero padded words
+    assert torch.allclose(img["local"].norm(dim=-1), torch.ones(5, 64), atol=1e-5)
+    assert torch.allclose(txt["words"][1, :3].norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.all(txt["words"][1, 3:] == 0)
 
 
 @pytest.mark.parametrize("mode", ["misa", "sisa", "sima"])
 def test_similarity_matches_reference(mode: str) -> None:
-    model = _model(sim_mode=mode)
-    images, tokens, lengths = _batch()
+    model = tiny_model("matchmap", sim_mode=mode)
+    images, tokens, lengths = caption_batch()
     with torch.no_grad():
         img, txt = model.encode_image(images), model.encode_text(tokens, lengths)
         sims = model.similarity(img, txt)
@@ -51,8 +45,8 @@ def test_similarity_matches_reference(mode: str) -> None:
 
 
 def test_chunked_equals_unchunked() -> None:
-    model = _model()
-    images, tokens, lengths = _batch()
+    model = tiny_model("matchmap")
+    images, tokens, lengths = caption_batch()
     with torch.no_grad():
         img, txt = model.encode_image(images), model.encode_text(tokens, lengths)
         model.hparams.memory_budget_mb = 1e6
@@ -64,9 +58,9 @@ def test_chunked_equals_unchunked() -> None:
 
 def test_bad_options_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"`sim_mode`.*Did you mean 'misa'"):
-        _model(sim_mode="mysa")
+        tiny_model("matchmap", sim_mode="mysa")
     with pytest.raises(ValueError, match=r"`loss`.*'triplet', 'sampled', 'both'"):
-        _model(loss="hinge")
+        tiny_model("matchmap", loss="hinge")
 
 
 def test_sampled_loss_values() -> None:
@@ -86,8 +80,8 @@ def test_sampled_loss_values() -> None:
 
 @pytest.mark.parametrize("loss", ["triplet", "sampled", "both"])
 def test_training_loss_logs_and_decreases(loss: str) -> None:
-    model = _model(loss=loss).train()
-    images, tokens, lengths = _batch()
+    model = tiny_model("matchmap", loss=loss).train()
+    images, tokens, lengths = caption_batch()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     batch = {"images": images, "tokens": tokens, "lengths": lengths, "image_index": torch.arange(5)}
     values = []
@@ -102,8 +96,8 @@ def test_training_loss_logs_and_decreases(loss: str) -> None:
 
 
 def test_localize_shape_and_padding() -> None:
-    model = _model()
-    images, tokens, lengths = _batch(size=40)
+    model = tiny_model("matchmap")
+    images, tokens, lengths = caption_batch(size=40)
     heat = model.localize(images[1], tokens[1])
     assert heat.shape == (tokens.shape[1], 40, 40)
     batch = model.localize_batch(images, tokens, lengths)
@@ -114,7 +108,7 @@ def test_localize_shape_and_padding() -> None:
 
 
 def test_planted_correlation_peaks_in_planted_cell(monkeypatch) -> None:
-    model = _model()
+    model = tiny_model("matchmap")
     side, size, d = 4, 32, 16
     planted = [5, 0, 15, 10]  # word t correlates with cell planted[t]
     cells = torch.eye(side * side, d).unsqueeze(0) * 0.5 + 0.01  # (1, 16, D): cell c = basis vector c
@@ -139,7 +133,7 @@ def test_word_heatmaps_upsampling_keeps_grid_values() -> None:
 
 
 def test_localize_rejects_non_square_grid(monkeypatch) -> None:
-    model = _model()
+    model = tiny_model("matchmap")
     monkeypatch.setattr(model, "encode_image", lambda images: {"local": torch.randn(1, 6, 32)})
     with pytest.raises(ValueError, match="square grid"):
         model.localize(torch.rand(3, 32, 32), torch.tensor([1, 5, 2]))
@@ -178,12 +172,6 @@ def test_pointing_game_returns_chance_baselines_on_tiny_matchmap() -> None:
     from rcit_bench.data.captions import CaptionSplit
     from rcit_bench.localization import pointing_game
 
-    class WordVocab:  # one id per word, <start>=1, <end>=2, inside the tiny model's 40 ids
-        ids = {w: i + 4 for i, w in enumerate(["red", "blue", "a", "big", "green"])}
-
-        def encode(self, tokens: list[str]) -> list[int]:
-            return [1] + [self.ids[t] for t in tokens] + [2]
-
     size = 32
     tokens = [["red", "blue"], ["a", "big", "blue"], ["green"]]
     g = torch.Generator().manual_seed(0)
@@ -196,7 +184,8 @@ def test_pointing_game_returns_chance_baselines_on_tiny_matchmap() -> None:
     split = CaptionSplit(image_ids=[10, 11], captions=[" ".join(t) for t in tokens], tokens=tokens,
                          caption_to_image=[0, 0, 1], source=lambda i, size=None: pixels[i], annotations=anns,
                          name="tiny/test")
-    out = pointing_game(_model(), split, vocab=WordVocab(), batch_size=2)
+    vocab = WordVocab(["red", "blue", "a", "big", "green"])  # inside the tiny model's 40 ids
+    out = pointing_game(tiny_model("matchmap"), split, vocab=vocab, batch_size=2)
     assert set(out) == {"accuracy", "centre_accuracy", "random_accuracy", "n"}
     assert out["n"] == 4 and 0.0 <= out["accuracy"] <= 100.0
     # centre pixel (16, 16), centre (16.5, 16.5): outside [0, 16)^2, inside [8, 24) x [8, 20) twice, outside

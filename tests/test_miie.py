@@ -1,4 +1,5 @@
-"""MIIE's held-out modality classifier accuracy (val/modality_acc), through Lightning's validation loop."""
+"""MIIE's held-out modality classifier accuracy (val/modality_acc), through Lightning's validation loop; its
+gradient-reversal schedule follows the training progress in optimizer steps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from rcit_bench.models.registry import build_method, tiny_config
+from conftest import tiny_model
 
 VOCAB = 40
 
@@ -39,9 +40,8 @@ def _validate(model, tmp_path) -> dict[str, float]:  # noqa: ANN001
     return {k: float(v) for k, v in out.items()}
 
 
-def _model():
-    torch.manual_seed(0)
-    return build_method("miie", **tiny_config("miie"))
+def _model(**over):
+    return tiny_model("miie", **over)
 
 
 def test_val_modality_acc_logged_in_percent(tmp_path) -> None:  # noqa: ANN001
@@ -81,3 +81,64 @@ def test_modality_accuracy_hand_values() -> None:
     assert model.modality_accuracy(img, txt) == pytest.approx(50.0 * (3 / 4 + 3 / 5))
     with pytest.raises(ValueError, match="`image_global` and `text_global`"):
         model.modality_accuracy(img[:0], txt)
+
+
+# ---- training progress (the base hook) and MIIE's adversarial progress, through Lightning's fit loop ----
+
+
+def _train_loader(n_batches: int, batch: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(4, VOCAB, (n_batches * batch, 6), generator=g)
+    tokens[:, 0] = 1
+    tokens[:, -1] = 2
+    images = torch.rand(n_batches * batch, 3, 32, 32, generator=g)
+    return DataLoader([
+        {"images": images[s:s + batch], "tokens": tokens[s:s + batch], "lengths": torch.full((batch,), 6),
+         "image_index": torch.arange(s, s + batch)}
+        for s in range(0, n_batches * batch, batch)
+    ], batch_size=None)
+
+
+class _Record(L.Callback):
+    """(global step, training_progress(), adversarial_progress()) as the model sees them in each training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.seen.append((trainer.global_step, pl_module.training_progress(), pl_module.adversarial_progress()))
+
+
+def _fit(model, tmp_path, n_batches: int, **trainer_kw) -> list[tuple[int, float, float]]:  # noqa: ANN001
+    record = _Record()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[record], **trainer_kw)
+    trainer.fit(model.train(), _train_loader(n_batches))
+    return record.seen
+
+
+def test_progress_counts_optimizer_steps_with_gradient_accumulation(tmp_path) -> None:  # noqa: ANN001
+    # 6 batches per epoch, 2 per optimizer step: 3 steps per epoch, 6 in all; the adversarial part (after the
+    # warm-up epoch) is steps 3..6. Counting batches instead would give 12 and an adversarial start at 6.
+    seen = _fit(_model(warmup_stage_epochs=1), tmp_path, 6, max_epochs=2, accumulate_grad_batches=2)
+    assert [g for g, _, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert [p for _, p, _ in seen] == pytest.approx([g / 6 for g, _, _ in seen])
+    assert [a for _, _, a in seen] == pytest.approx([0.0] * 6 + [0.0, 0.0, 1 / 3, 1 / 3, 2 / 3, 2 / 3])
+
+
+def test_progress_with_max_steps(tmp_path) -> None:  # noqa: ANN001
+    # max_steps ends training after 4 steps, in the second epoch of 3 batches: progress is steps / 4
+    seen = _fit(_model(warmup_stage_epochs=0), tmp_path, 3, max_steps=4)
+    assert [g for g, _, _ in seen] == [0, 1, 2, 3]
+    assert [p for _, p, _ in seen] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    assert [a for _, _, a in seen] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    # max_steps below what max_epochs allows (5 epochs x 3 steps): the smaller one ends training
+    seen = _fit(_model(warmup_stage_epochs=0), tmp_path, 3, max_epochs=5, max_steps=4)
+    assert [p for _, p, _ in seen] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+
+
+def test_progress_without_trainer() -> None:
+    model = _model()
+    assert model.training_progress() == 0.0  # the base hook: nothing done
+    assert model.adversarial_progress() == 1.0  # MIIE outside a fit (e.g. a unit test): full strength

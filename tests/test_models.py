@@ -25,13 +25,7 @@ VOCAB = 40
 SEQ = 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are dominated by thread overhead: one intra-op thread is ~10x faster on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_batch(n: int = N, size: int = 40, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -115,8 +109,23 @@ def test_registered_method_tiny(name: str) -> None:
 
 
 def test_tiny_configs_cover_registry() -> None:
-    assert set(TINY_CONFIGS) >= {"vsepp", "rcit", "miie"}
-    assert set(TINY_CONFIGS) == set(list_methods())
+    expected = {"vsepp", "rcit", "miie", "matchmap", "vsrpp"}  # written here, not read from the registry
+    assert set(TINY_CONFIGS) == expected
+    assert set(list_methods()) == expected
+
+
+def test_methods_declare_their_data_needs() -> None:
+    """needs_paired_views / localizes are class attributes the spec and the runner read instead of names."""
+    expected = {  # name: (needs_paired_views, localizes)
+        "vsepp": (False, False), "rcit": (True, False), "miie": (False, False),
+        "matchmap": (False, True), "vsrpp": (False, False),
+    }
+    got = {name: (get_method_class(name).needs_paired_views, get_method_class(name).localizes)
+           for name in list_methods()}
+    assert got == expected
+    assert (RetrievalModule.needs_paired_views, RetrievalModule.localizes) == (False, False)  # the defaults
+    for name, (_, localizes) in expected.items():  # a localizing method has the pointing game's entry point
+        assert hasattr(get_method_class(name), "localize_batch") == localizes, name
 
 
 def test_unknown_method_and_argument_errors() -> None:

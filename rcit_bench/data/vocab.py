@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from rcit_bench.data.captions import simple_tokenize
-from rcit_bench.utils import atomic_write_text
+from rcit_bench.utils import PAD_ID, atomic_write_text
 
 __all__ = ["Vocabulary", "HFTokenizer", "PAD", "START", "END", "UNK", "SPECIALS"]
 
@@ -41,7 +41,7 @@ class Vocabulary:
         self.itos: list[str] = itos
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(itos)}
 
-    pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
+    pad_id, start_id, end_id, unk_id = PAD_ID, 1, 2, 3  # PAD_ID = 0: the models' padding_idx default
 
     @classmethod
     def build(cls, token_lists: Iterable[Sequence[str]], min_count: int = 1) -> "Vocabulary":
@@ -118,7 +118,7 @@ class HFTokenizer:
             ) from exc
         self.name_or_path = str(name_or_path)
         self.max_length = max_length
-        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else PAD_ID)
 
     def __len__(self) -> int:
         return len(self.tokenizer)

@@ -20,7 +20,14 @@ Hooks for method authors (override what differs, keep the signatures):
   are logged as ``train/<key>``.
 - ``extra_param_groups()``: optional extra optimizer groups; ``backbone_parameters()`` are the image
   backbone parameters scaled by ``backbone_lr_mult`` (0 freezes them).
-- ``self.use_max_violation()``, ``self.training_progress()`` (in [0, 1]) for schedules.
+- ``needs_paired_views`` / ``localizes`` (class attributes, default False): what the method needs from the
+  data, read by the spec and the runner instead of the method's name. ``needs_paired_views = True`` (RCIT):
+  it trains on a (clean, corrupted) view of every image, so only the 'paired' training regime runs it and its
+  batches carry ``corrupted_images``. ``localizes = True`` (Matchmap): it has ``localize_batch(images,
+  tokens, lengths) -> (P, L, H, W)`` word heatmaps, so the pointing game evaluates it on datasets with boxes.
+- ``self.use_max_violation()``, ``self.training_progress(start_epoch=0)`` for schedules: the latter is in
+  [0, 1], optimizer steps done over Lightning's ``estimated_stepping_batches`` (right with gradient
+  accumulation and ``max_steps``); MIIE's gradient-reversal strength follows it.
 
 Constructor args of subclasses must be plain YAML types (saved with ``save_hyperparameters`` so that
 ``Method.load_from_checkpoint(path, weights_only=True)`` rebuilds the model).
@@ -110,7 +117,7 @@ class RetrievalModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ encoding
     def encode_image(self, images: Tensor) -> dict[str, Tensor]:
-        """images (B, 3, H, W) in [0, 1] (or (B, R, F) for 'precomputed') -> reps, first dim B."""
+        """images (B, 3, H, W) in [0, 1] -> reps, first dim B."""
         out = self.image_encoder(images)
         return {k: out[k] for k in self.image_rep_keys}
 
@@ -130,15 +137,32 @@ class RetrievalModule(L.LightningModule):
         """Hardest negative after the warm-up epochs (VSE-infinity), sum of all negatives before."""
         return bool(self.hparams.max_violation) and self.current_epoch >= int(self.hparams.warmup_epochs or 0)
 
-    def training_progress(self) -> float:
-        """Fraction of training done in [0, 1] (0 without a trainer)."""
+    def training_progress(self, start_epoch: int = 0) -> float:
+        """Fraction in [0, 1] of the optimizer steps from the start of epoch `start_epoch` to the end of training
+        that are done (``start_epoch=0``: of the whole training).
+
+        Counted in optimizer steps: ``trainer.global_step`` over ``trainer.estimated_stepping_batches``, which
+        accounts for ``accumulate_grad_batches`` (one step per k batches), ``max_steps`` (training may stop
+        mid-epoch) and ``limit_train_batches``; epoch e starts after ``e * ceil(batches per epoch / k)`` steps,
+        as Lightning steps on the last batch of every epoch. 0 without a trainer, before `start_epoch`, when
+        nothing is left after it, and when Lightning cannot know the length of training (an iterable dataset
+        without ``max_steps``).
+        """
         trainer = self._trainer
         if trainer is None:
             return 0.0
         total = trainer.estimated_stepping_batches
         if not total or not math.isfinite(total):
             return 0.0
-        return float(min(1.0, max(0.0, trainer.global_step / total)))
+        start = 0
+        if start_epoch:
+            batches = trainer.num_training_batches
+            if not math.isfinite(batches):  # epochs without an end: `start_epoch` is never reached
+                return 0.0
+            start = int(start_epoch) * math.ceil(batches / trainer.accumulate_grad_batches)
+        if total <= start:
+            return 0.0
+        return float(min(1.0, max(0.0, (trainer.global_step - start) / (total - start))))
 
     def triplet(self, sims: Tensor) -> Tensor:
         """Bidirectional triplet ranking loss on a square (B, B) matrix, positives on the diagonal."""

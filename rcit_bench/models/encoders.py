@@ -10,7 +10,8 @@ Representation keys (the contract every method builds on):
 Nothing is l2-normalised here: the methods decide (cosine similarity normalises inside).
 
 Image encoders take images float (B, 3, H, W) in [0, 1] at the dataset's resolution and do the model's
-own resize and normalisation inside, so corruptions are applied before them (DESIGN section 4).
+own resize and normalisation inside, so a corruption is applied once to the dataset's pixels, before any
+model-specific resize or normalisation, and every method sees the same corrupted image.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from rcit_bench.models.layers import lengths_to_mask
 from rcit_bench.models.registry import register_image_encoder, register_text_encoder
+from rcit_bench.utils import PAD_ID
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +38,10 @@ __all__ = [
     "ImageEncoder",
     "SmallCNN",
     "TimmImageEncoder",
-    "PrecomputedImageEncoder",
     "RNNTextEncoder",
     "TransformerTextEncoder",
     "load_state_dict_file",
-    "lengths_to_mask",
 ]
-
-
-def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
-    """lengths (B,) -> bool mask (B, max_len), True at valid positions."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -214,35 +210,6 @@ class TimmImageEncoder(ImageEncoder):
         return out
 
 
-class PrecomputedImageEncoder(nn.Module):
-    """Region features given as input (e.g. bottom-up-attention 36 x 2048), projected to ``embed_dim``.
-
-    Clean-only: the inputs are features, not pixels, so image corruptions cannot be applied to them;
-    the runner must not schedule corrupted cells for a method that uses this encoder.
-    Input: ``features`` (B, R, F) passed where images would be.
-    """
-
-    accepts_pixels = False
-
-    def __init__(self, embed_dim: int, feat_dim: int = 2048) -> None:
-        super().__init__()
-        self.embed_dim = int(embed_dim)
-        self.feat_dim = int(feat_dim)
-        self.input_size = None
-        self.backbone = nn.Identity()
-        self.proj_local = nn.Linear(feat_dim, embed_dim)
-        self.proj_global = nn.Linear(feat_dim, embed_dim)
-
-    def forward(self, features: Tensor) -> dict[str, Tensor]:
-        if features.ndim != 3 or features.shape[-1] != self.feat_dim:
-            raise ValueError(
-                f"'precomputed' image encoder expects region features (B, R, {self.feat_dim}), "
-                f"got {tuple(features.shape)}."
-            )
-        features = features.float()
-        return {"global": self.proj_global(features.mean(dim=1)), "local": self.proj_local(features)}
-
-
 @register_image_encoder("small_cnn")
 def _build_small_cnn(spec: str | None, embed_dim: int, input_size: int = 64,
                      channels: tuple[int, ...] | list[int] = (32, 64, 128, 256), stem_stride: int = 1,
@@ -259,11 +226,6 @@ def _build_timm(spec: str | None, embed_dim: int, pretrained: bool = False, weig
     return TimmImageEncoder(spec, embed_dim, pretrained=pretrained, weights_path=weights_path, input_size=input_size)
 
 
-@register_image_encoder("precomputed")
-def _build_precomputed(spec: str | None, embed_dim: int, feat_dim: int = 2048) -> PrecomputedImageEncoder:
-    return PrecomputedImageEncoder(embed_dim, feat_dim=feat_dim)
-
-
 # =============================================================================================== text
 class RNNTextEncoder(nn.Module):
     """Word embeddings -> (Bi)GRU over packed sequences.
@@ -274,7 +236,7 @@ class RNNTextEncoder(nn.Module):
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, word_dim: int = 300, num_layers: int = 1,
-                 bidirectional: bool = False, pad_id: int = 0) -> None:
+                 bidirectional: bool = False, pad_id: int = PAD_ID) -> None:
         super().__init__()
         if vocab_size is None or int(vocab_size) <= 0:
             raise ValueError(f"Argument `vocab_size` must be a positive int for a GRU text encoder, got {vocab_size!r}.")
@@ -337,13 +299,13 @@ class TransformerTextEncoder(nn.Module):
 
 @register_text_encoder("gru")
 def _build_gru(spec: str | None, embed_dim: int, vocab_size: int | None = None, word_dim: int = 300,
-               num_layers: int = 1, pad_id: int = 0) -> RNNTextEncoder:
+               num_layers: int = 1, pad_id: int = PAD_ID) -> RNNTextEncoder:
     return RNNTextEncoder(vocab_size, embed_dim, word_dim, num_layers, bidirectional=False, pad_id=pad_id)
 
 
 @register_text_encoder("bigru")
 def _build_bigru(spec: str | None, embed_dim: int, vocab_size: int | None = None, word_dim: int = 300,
-                 num_layers: int = 1, pad_id: int = 0) -> RNNTextEncoder:
+                 num_layers: int = 1, pad_id: int = PAD_ID) -> RNNTextEncoder:
     return RNNTextEncoder(vocab_size, embed_dim, word_dim, num_layers, bidirectional=True, pad_id=pad_id)
 
 

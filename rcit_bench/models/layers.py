@@ -1,4 +1,4 @@
-"""Reusable blocks for the cross-attention methods: VSRN region reasoning and an attention caption decoder.
+"""Reusable blocks for the methods: VSRN region reasoning, an attention caption decoder, the length mask.
 
 References:
 - VSRN: Li et al., "Visual Semantic Reasoning for Image-Text Matching", ICCV 2019
@@ -14,12 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ReasoningBlock", "RegionReasoning", "AttentionCaptionDecoder", "l2norm", "gru_last_state"]
+__all__ = ["ReasoningBlock", "RegionReasoning", "AttentionCaptionDecoder", "gru_last_state", "lengths_to_mask",
+           "HEAD_NORM_EPS"]
+
+#: eps of ``F.normalize`` in the methods' heads (VSR++, Matchmap, the reasoning blocks); see
+#: :func:`rcit_bench.models.similarity.l2norm` for why the scorers normalise differently.
+HEAD_NORM_EPS = 1e-8
 
 
-def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    """L2-normalise along `dim` (eps keeps zero vectors finite)."""
-    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """lengths (B,) -> bool mask (B, max_len), True at the valid positions ``t < lengths[b]`` (on lengths' device)."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def gru_last_state(rnn: nn.GRU, x: Tensor) -> Tensor:
@@ -79,7 +84,7 @@ class ReasoningBlock(nn.Module):
 
 
 class RegionReasoning(nn.Module):
-    """VSRN image head: `n_blocks` reasoning blocks, l2-normalise, a GRU over regions.
+    """VSRN image head: `n_blocks` reasoning blocks, l2-normalise (``F.normalize``), a GRU over regions.
 
     The GRU's last hidden state is the global image vector (not normalised here; the caller decides).
     Returns ``(reasoned (B, N, D), global (B, D))``; the reasoned regions also feed the caption decoder.
@@ -97,7 +102,7 @@ class RegionReasoning(nn.Module):
         x = regions
         for block in self.blocks:
             x = block(x)
-        x = l2norm(x)
+        x = F.normalize(x, dim=-1, eps=HEAD_NORM_EPS)
         return x, gru_last_state(self.rnn, x)
 
 

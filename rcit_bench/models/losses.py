@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rcit_bench.models.layers import lengths_to_mask
+
 
 def triplet_ranking_loss(sims: Tensor, margin: float = 0.2, max_violation: bool = True) -> Tensor:
     """VSE++ bidirectional hinge loss on a square similarity matrix with matching pairs on the diagonal.
@@ -38,11 +40,6 @@ def triplet_ranking_loss(sims: Tensor, margin: float = 0.2, max_violation: bool 
     if max_violation:
         return cost_t.max(dim=1).values.sum() + cost_i.max(dim=0).values.sum()
     return cost_t.sum() + cost_i.sum()
-
-
-def triplet_ranking_loss_cross(sims_ab: Tensor, margin: float = 0.2, max_violation: bool = True) -> Tensor:
-    """Alias of :func:`triplet_ranking_loss` for cross pairs such as RCIT's L(CI, I) (corrupted vs clean image)."""
-    return triplet_ranking_loss(sims_ab, margin=margin, max_violation=max_violation)
 
 
 class GradientReversal(torch.autograd.Function):
@@ -109,7 +106,7 @@ def caption_nll_loss(logits: Tensor, targets: Tensor, lengths: Tensor) -> Tensor
         raise ValueError(
             f"Argument `lengths` must be in [1, T={t}], but got values in [{int(lengths.min())}, {int(lengths.max())}]."
         )
-    valid = torch.arange(t, device=logits.device)[None, :] < lengths[:, None]  # (B, T)
+    valid = lengths_to_mask(lengths, t)  # (B, T)
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     safe_targets = targets.long().masked_fill(~valid, 0)  # padding may hold any id (e.g. -100)
     nll = -logp.gather(2, safe_targets.unsqueeze(2)).squeeze(2)  # (B, T)

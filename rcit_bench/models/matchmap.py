@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rcit_bench.models.base import RetrievalModule
-from rcit_bench.models.layers import l2norm
+from rcit_bench.models.layers import HEAD_NORM_EPS, lengths_to_mask
 from rcit_bench.models.registry import register_method
 from rcit_bench.models.similarity import (
     MATCHMAP_BYTES_FACTOR,
@@ -106,12 +106,12 @@ class MatchMap(RetrievalModule):
     def encode_image(self, images: Tensor) -> dict[str, Tensor]:
         """images (B, 3, H, W) -> {'local': (B, C, D)} grid cells (l2-normalised when ``normalize``)."""
         cells = self.image_encoder(images)["local"]
-        return {"local": l2norm(cells) if self.hparams.normalize else cells}
+        return {"local": F.normalize(cells, dim=-1, eps=HEAD_NORM_EPS) if self.hparams.normalize else cells}
 
     def encode_text(self, tokens: Tensor, lengths: Tensor) -> dict[str, Tensor]:
         """tokens (B, L) -> {'words': (B, L, D), 'lengths': (B,)}; padded words stay zero."""
         out = self.text_encoder(tokens, lengths)
-        words = l2norm(out["words"]) if self.hparams.normalize else out["words"]
+        words = F.normalize(out["words"], dim=-1, eps=HEAD_NORM_EPS) if self.hparams.normalize else out["words"]
         return {"words": words, "lengths": out["lengths"]}
 
     def similarity(self, image_reps: dict[str, Tensor], text_reps: dict[str, Tensor]) -> Tensor:
@@ -155,7 +155,7 @@ class MatchMap(RetrievalModule):
         if side * side != c:
             raise ValueError(f"localize needs a square grid of cells, but the image encoder gave {c} cells.")
         heat = word_heatmaps(cells, words, (side, side), tuple(images.shape[-2:]))
-        valid = torch.arange(tokens.shape[1], device=heat.device)[None, :] < lengths.to(heat.device)[:, None]
+        valid = lengths_to_mask(lengths.to(heat.device), tokens.shape[1])  # (P, L)
         return heat * valid[:, :, None, None].to(heat.dtype)
 
     @torch.no_grad()

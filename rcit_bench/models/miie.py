@@ -20,6 +20,7 @@ modalities (mean of the accuracy on images and on texts), so 50 is chance whatev
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -55,17 +56,13 @@ class MIIE(RetrievalModule):
         return STAGES[0] if epoch < w else STAGES[1] if epoch < w + a else STAGES[2]
 
     def adversarial_progress(self) -> float:
-        """Progress p in [0, 1] through the adversarial stages (1 without a trainer, i.e. full strength)."""
+        """Progress p in [0, 1] through the adversarial stages, i.e. the optimizer steps from the end of the
+        warm-up stage to the end of training (:meth:`training_progress`); 1 (full strength) without a trainer
+        or when Lightning cannot know the length of training."""
         trainer = self._trainer
-        if trainer is None:
+        if trainer is None or not math.isfinite(trainer.estimated_stepping_batches):
             return 1.0
-        steps = trainer.num_training_batches
-        max_epochs = trainer.max_epochs or 1
-        w = int(self.hparams.warmup_stage_epochs)
-        if not steps or steps == float("inf") or max_epochs <= w:
-            return 1.0
-        done = self.global_step - w * steps
-        return float(min(1.0, max(0.0, done / ((max_epochs - w) * steps))))
+        return self.training_progress(start_epoch=int(self.hparams.warmup_stage_epochs))
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor | float]]:
         from rcit_bench.models.losses import grad_reverse, grl_lambda, modality_adversarial_loss

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import logging
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -23,12 +22,11 @@ import yaml
 
 from rcit_bench.utils import did_you_mean
 
-log = logging.getLogger(__name__)
-
 T = TypeVar("T")
 
-# Modules that register the built-in methods; imported on first lookup. A module that does not exist
-# yet (another engineer's method still being written) is skipped; any other import error propagates.
+# Modules that register the built-in methods; imported on first lookup. Every one must exist: a missing
+# module (a typo here, a renamed file) is an error naming it, never a method that silently disappears.
+# A new method file registers itself with @register_method and is added here.
 _BUILTIN_METHOD_MODULES = (
     "rcit_bench.models.vsepp",
     "rcit_bench.models.rcit",
@@ -48,21 +46,28 @@ _loaded_encoders = False
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _import_optional(module: str) -> None:
+def _import_builtin(module: str) -> None:
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as err:
-        if err.name != module:  # a dependency of the module is missing: that is a real error
+        if err.name != module:  # a dependency of the module is missing: its own message says which
             raise
-        log.debug("method module %s not present; skipping", module)
+        raise ModuleNotFoundError(
+            f"Built-in method module {module!r} (listed in rcit_bench.models.registry._BUILTIN_METHOD_MODULES) "
+            f"does not exist; fix the name in that list or add the module.", name=module
+        ) from err
 
 
 def _ensure_methods() -> None:
     global _loaded_methods
     if not _loaded_methods:
-        _loaded_methods = True
-        for module in _BUILTIN_METHOD_MODULES:
-            _import_optional(module)
+        _loaded_methods = True  # before the imports: a method module may look the registry up while loading
+        try:
+            for module in _BUILTIN_METHOD_MODULES:
+                _import_builtin(module)
+        except BaseException:
+            _loaded_methods = False  # the next lookup fails the same way instead of seeing a partial registry
+            raise
 
 
 def _ensure_encoders() -> None:
@@ -238,7 +243,7 @@ def _split_name(name: str) -> tuple[str, str | None]:
 
 
 def build_image_encoder(name: str, **kwargs: Any) -> Any:
-    """Build image encoder `name` (e.g. ``'small_cnn'``, ``'timm:resnet152'``, ``'precomputed'``)."""
+    """Build image encoder `name` (e.g. ``'small_cnn'``, ``'timm:resnet152'``)."""
     _ensure_encoders()
     family, spec = _split_name(name)
     if family not in _IMAGE_ENCODERS:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rcit_bench.models.layers import lengths_to_mask
 from rcit_bench.utils import check_choice
 
 SCAN_AGGREGATIONS = ("lse", "mean")
@@ -53,7 +54,16 @@ def _sqrt(x: Tensor, inplace: bool = False) -> Tensor:
 
 
 def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    """``x / (||x|| + eps)`` along ``dim``, SCAN's l2norm (zero vectors stay zero, with finite gradients)."""
+    """``x / (||x|| + eps)`` along ``dim``, SCAN's l2norm (zero vectors stay zero, with finite gradients).
+
+    The suite's one l2norm: every scorer here normalises its inputs with it, whatever the method did before.
+    The methods' heads (VSR++, Matchmap, the VSRN reasoning blocks, MIIE's classifier input) normalise with
+    torch's ``F.normalize`` instead (``x / max(||x||, eps)``, also finite at zero). The two are not merged
+    because they differ in the last bits: ``+ eps`` moves norms below ~0.25, and the norm is summed in another
+    order. Swapping one for the other changes VSR++'s and Matchmap's scores in the last bits, and through
+    training their figures, which must stay reproducible bit for bit. This is also why VSR++ normalises twice:
+    its heads return unit vectors (their contract) and the scorers normalise those again.
+    """
     return x / (_sqrt(x.pow(2).sum(dim=dim, keepdim=True), inplace=_inplace_ok(x)) + eps)
 
 
@@ -103,7 +113,7 @@ def _check_cross(regions: Tensor, words: Tensor, word_lengths: Tensor, region_ar
             f"Argument `word_lengths` must be in [1, L={l_max}] (the padded length of `words`), but got values in "
             f"[{int(lengths.min())}, {int(lengths.max())}]."
         )
-    return torch.arange(l_max, device=words.device)[None, :] < lengths[:, None]  # (M, L)
+    return lengths_to_mask(lengths, l_max)  # (M, L)
 
 
 def _pair_dots(a: Tensor, b: Tensor) -> Tensor:

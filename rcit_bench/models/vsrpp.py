@@ -2,8 +2,9 @@
 Fine-Grained Image-Text Matching", ICPR 2020; built on VSRN (Li et al., ICCV 2019, reference code:
 github.com/KunpengLi1994/VSRN) and SCAN (Lee et al., ECCV 2018, github.com/kuanghuei/SCAN).
 
-Regions are the shared image encoder's grid cells (``local``, projected to ``embed_dim``) instead of
-bottom-up-attention boxes (``image_encoder: precomputed`` takes such boxes when available).
+VSR++ here runs on grid features computed from pixels: the regions are the shared image encoder's grid cells
+(``local``, projected to ``embed_dim``), not the paper's bottom-up-attention boxes, so image corruptions reach
+it like every other method.
 
 - Global branch: l2-normalised regions -> 4 VSRN reasoning blocks -> GRU over regions -> l2-normalised
   vector; ``S_G`` = cosine with the Bi-GRU sentence vector.
@@ -12,6 +13,9 @@ bottom-up-attention boxes (``image_encoder: precomputed`` takes such boxes when 
 - ``S = S_G + mu * S_L`` with ``mu = 2``.
 - Loss: max-violation triplet on the fused ``S`` + ``caption_weight`` x caption-generation NLL, the
   batch caption decoded (teacher forcing) with attention over the reasoned regions (VSRN used 1.0).
+
+The heads return unit vectors (``F.normalize``) and the scorers normalise their inputs again with their own
+l2norm; see :func:`rcit_bench.models.similarity.l2norm` for why both passes stay.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from rcit_bench.models.base import RetrievalModule
-from rcit_bench.models.layers import AttentionCaptionDecoder, RegionReasoning, l2norm
+from rcit_bench.models.layers import HEAD_NORM_EPS, AttentionCaptionDecoder, RegionReasoning
 from rcit_bench.models.losses import caption_nll_loss
 from rcit_bench.models.registry import register_method
 from rcit_bench.models.similarity import (
@@ -99,9 +104,9 @@ class VSRPP(RetrievalModule):
     # ------------------------------------------------------------------------------------ encoding
     def _encode_image_full(self, images: Tensor) -> dict[str, Tensor]:
         """All image features: raw (B, R, D), reasoned (B, R, D), global (B, D), l2-normalised."""
-        raw = l2norm(self.image_encoder(images)["local"])  # (B, R, D)
+        raw = F.normalize(self.image_encoder(images)["local"], dim=-1, eps=HEAD_NORM_EPS)  # (B, R, D)
         reasoned, vec = self.reasoning(raw)
-        return {"raw": raw, "reasoned": reasoned, "global": l2norm(vec)}
+        return {"raw": raw, "reasoned": reasoned, "global": F.normalize(vec, dim=-1, eps=HEAD_NORM_EPS)}
 
     def encode_image(self, images: Tensor) -> dict[str, Tensor]:
         """images (B, 3, H, W) -> {'global': (B, D), 'regions': (B, R, D)} for the two branches."""
@@ -111,7 +116,8 @@ class VSRPP(RetrievalModule):
     def encode_text(self, tokens: Tensor, lengths: Tensor) -> dict[str, Tensor]:
         """tokens (B, L) -> {'global': (B, D), 'words': (B, L, D), 'lengths': (B,)}, l2-normalised."""
         out = self.text_encoder(tokens, lengths)
-        return {"global": l2norm(out["global"]), "words": l2norm(out["words"]), "lengths": out["lengths"]}
+        return {"global": F.normalize(out["global"], dim=-1, eps=HEAD_NORM_EPS),
+                "words": F.normalize(out["words"], dim=-1, eps=HEAD_NORM_EPS), "lengths": out["lengths"]}
 
     # ------------------------------------------------------------------------------------ similarity
     def local_similarity(self, image_reps: dict[str, Tensor], text_reps: dict[str, Tensor]) -> Tensor:
