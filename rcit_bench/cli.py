@@ -39,7 +39,6 @@ def _load_image(source: str):
 
 
 def cmd_corrupt(args: argparse.Namespace) -> int:
-    import torch
     import torch.nn.functional as F
     from torchvision.utils import save_image
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from rcit_bench.errors import UserError
 from rcit_bench.utils import check_choice
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,9 @@ def _resolve_rank_world(rank: int | None, world_size: int | None) -> tuple[int, 
     world_size = get_world_size() if world_size is None else world_size
     rank = get_rank() if rank is None else rank
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"Argument `world_size` must be an integer >= 1, but got {world_size!r}.")
+        raise UserError(f"Argument `world_size` must be an integer >= 1, but got {world_size!r}.")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"Argument `rank` must be an integer in [0, {world_size - 1}], but got {rank!r}.")
+        raise UserError(f"Argument `rank` must be an integer in [0, {world_size - 1}], but got {rank!r}.")
     return rank, world_size
 
 
@@ -73,7 +74,7 @@ def shard_indices(n: int, rank: int | None = None, world_size: int | None = None
     ``strided``: rank r gets ``r, r + world_size, ...``. Either way the shards partition ``range(n)``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"Argument `n` must be a non-negative integer, but got {n!r}.")
+        raise UserError(f"Argument `n` must be a non-negative integer, but got {n!r}.")
     check_choice("mode", mode, SHARD_MODES)
     rank, world_size = _resolve_rank_world(rank, world_size)
     if mode == "strided":
@@ -112,10 +113,10 @@ def shard_loader(loader: DataLoader, rank: int | None = None, world_size: int | 
     loaded (and corrupted: corruption is seeded per image id) exactly as in the single-process loader.
     """
     if isinstance(loader.dataset, IterableDataset):
-        raise ValueError("Argument `loader` must be map-style (have __getitem__/__len__) to be sharded, but its "
+        raise UserError("Argument `loader` must be map-style (have __getitem__/__len__) to be sharded, but its "
                          f"dataset is an IterableDataset ({type(loader.dataset).__name__}).")
     if loader.batch_size is None:
-        raise ValueError("Argument `loader` must use `batch_size` (not a custom `batch_sampler`) to be sharded.")
+        raise UserError("Argument `loader` must use `batch_size` (not a custom `batch_sampler`) to be sharded.")
     sampler = ShardSampler(len(loader.dataset), rank, world_size, mode)
     kwargs: dict[str, Any] = dict(
         batch_size=loader.batch_size, sampler=sampler, shuffle=False, drop_last=False,
@@ -149,7 +150,7 @@ def gather_reps(reps: Mapping[str, torch.Tensor], indices: torch.Tensor, *,
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"gather_reps: reps[{key!r}] must be a Tensor, but got {type(value).__name__}.")
         if value.shape[0] != indices.numel():
-            raise ValueError(f"gather_reps: reps[{key!r}] has {value.shape[0]} rows but `indices` has "
+            raise UserError(f"gather_reps: reps[{key!r}] has {value.shape[0]} rows but `indices` has "
                              f"{indices.numel()} entries; they must match.")
     if not is_distributed():
         return _reorder(dict(reps), indices.cpu())
@@ -166,7 +167,7 @@ def gather_reps(reps: Mapping[str, torch.Tensor], indices: torch.Tensor, *,
     dist.all_gather_object(metas, meta_local)
     keysets = [set(m["keys"]) for m in metas if m["n"] > 0]
     if any(ks != keysets[0] for ks in keysets[1:]):
-        raise ValueError(f"gather_reps: ranks produced different rep keys: {[sorted(k) for k in keysets]}.")
+        raise UserError(f"gather_reps: ranks produced different rep keys: {[sorted(k) for k in keysets]}.")
     keys = sorted(keysets[0]) if keysets else sorted(meta_local["keys"])
     counts = [m["n"] for m in metas]
     n_max = max(counts)
@@ -212,7 +213,7 @@ def _reorder(reps: dict[str, torch.Tensor], indices: torch.Tensor) -> dict[str, 
     sorted_idx = indices[order]
     if sorted_idx.numel() > 1 and bool((sorted_idx[1:] == sorted_idx[:-1]).any()):
         dup = sorted_idx[1:][sorted_idx[1:] == sorted_idx[:-1]].unique()[:10].tolist()
-        raise ValueError(f"gather_reps: global indices appear more than once (e.g. {dup}); shards must not overlap.")
+        raise UserError(f"gather_reps: global indices appear more than once (e.g. {dup}); shards must not overlap.")
     return {k: v[order.to(v.device)] for k, v in reps.items()}
 
 
@@ -280,7 +281,7 @@ def distributed_evaluate(
         if caption_to_image is None:
             caption_to_image = datamodule.caption_to_image(split)
     if image_loader is None or (caption_loader is None and text_reps is None) or caption_to_image is None:
-        raise ValueError("distributed_evaluate needs `datamodule`, or `image_loader`, `caption_to_image` and one "
+        raise UserError("distributed_evaluate needs `datamodule`, or `image_loader`, `caption_to_image` and one "
                          "of `caption_loader` / `text_reps`.")
     was_training = model.training
     try:
@@ -322,9 +323,9 @@ def trainer_kwargs_for(devices: int | str = 1, strategy: str = "auto", precision
     if devices == "auto":
         devices = max(torch.cuda.device_count(), 1) if accelerator == "gpu" else 1
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"Argument `devices` must be a positive integer or 'auto', but got {devices!r}.")
+        raise UserError(f"Argument `devices` must be a positive integer or 'auto', but got {devices!r}.")
     if not isinstance(strategy, str) or not strategy:
-        raise ValueError(f"Argument `strategy` must be a Lightning strategy name ('auto', 'ddp', 'ddp_spawn', ...), "
+        raise UserError(f"Argument `strategy` must be a Lightning strategy name ('auto', 'ddp', 'ddp_spawn', ...), "
                          f"but got {strategy!r}.")
     if strategy == "auto" and devices > 1:
         strategy = "ddp_find_unused_parameters_true" if find_unused_parameters else "ddp"

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from rcit_bench.errors import UserError
+
 #: Token id of ``<pad>`` in the suite's word vocabulary (``rcit_bench.data.vocab.Vocabulary``), which pads every
 #: caption batch; the text encoders' embedding ``padding_idx`` and the pointing game's captions default to it.
 #: Here, not in ``rcit_bench.data``, so that ``rcit_bench.models`` can use it without importing the data layer.
@@ -28,7 +30,7 @@ def check_choice(arg: str, value: object, choices: Iterable[str]) -> None:
     if value in choices:
         return
     listed = ", ".join(f"'{c}'" for c in choices)
-    raise ValueError(
+    raise UserError(
         f"Argument `{arg}` must be one of {listed}, but got {value!r}.{did_you_mean(str(value), choices)}"
     )
 

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from rcit_bench.data import corruptions as C
-from rcit_bench.data.corruptions import SCALINGS, SEVERITY_CORRUPTIONS, corrupt, corruption_grid
+from rcit_bench.data.corruptions import (
+    SCALINGS,
+    SEVERITY_CORRUPTIONS,
+    blur,
+    corrupt,
+    corruption_grid,
+    ops,
+)
 
 # no spatial constant and no random layer: the same pixels in both modes at any size
 POINTWISE = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "brightness", "contrast", "saturate",
@@ -52,7 +59,7 @@ def test_published_gaussian_blur_uses_the_224_px_sigma_at_64_px(severity: int) -
     from scipy.ndimage import gaussian_filter
 
     x = _images(64, 1)[:, :1]
-    sigma = C._GAUSSIAN_BLUR[severity - 1]  # 1 and 3 px, as at 224 px
+    sigma = blur._GAUSSIAN_BLUR[severity - 1]  # 1 and 3 px, as at 224 px
     ref = gaussian_filter(x[0, 0].double().numpy(), sigma=sigma, mode="mirror", truncate=4.0)
     got = corrupt(x, "gaussian_blur", severity=severity, scaling="published")
     np.testing.assert_allclose(got[0, 0].numpy(), ref, atol=1e-5)
@@ -66,7 +73,7 @@ def test_published_equals_image_mode_with_the_reference_size_at_the_image_size(m
     x = _images(64)
     published = {n: corrupt(x, n, severity=2, seed=1, image_ids=[3, 4], scaling="published")
                  for n in SEVERITY_CORRUPTIONS}
-    monkeypatch.setattr(C, "REFERENCE_SIZE", 64)
+    monkeypatch.setattr(ops, "REFERENCE_SIZE", 64)  # read by ops._scale
     for n in SEVERITY_CORRUPTIONS:
         assert torch.equal(corrupt(x, n, severity=2, seed=1, image_ids=[3, 4]), published[n]), n
 
@@ -112,11 +119,11 @@ def test_scaling_is_reset_after_each_call_even_on_error() -> None:
     x = _images(64, 1)
     ref = corrupt(x, "gaussian_blur", severity=1)
     corrupt(x, "gaussian_blur", severity=1, scaling="published")
-    assert C._SCALING.get() == "image"
+    assert ops._SCALING.get() == "image"
     assert torch.equal(corrupt(x, "gaussian_blur", severity=1), ref)
     with pytest.raises(ValueError, match="image_ids"):
         corrupt(x, "gaussian_blur", severity=1, image_ids=[1, 2], scaling="published")  # raised inside the call
-    assert C._SCALING.get() == "image"
+    assert ops._SCALING.get() == "image"
     assert torch.equal(corrupt(x, "gaussian_blur", severity=1), ref)
 
 
@@ -139,7 +146,7 @@ def test_concurrent_calls_keep_their_own_scaling() -> None:
 
 
 @pytest.mark.parametrize("bad", ["Published", "imagecorruptions", None, 1])
-def test_bad_scaling_names_the_argument_and_choices(bad) -> None:  # noqa: ANN001
+def test_bad_scaling_names_the_argument_and_choices(bad) -> None:
     x = _images(16, 1)
     with pytest.raises(ValueError, match=r"Argument `scaling` must be one of 'image', 'published', but got"):
         corrupt(x, "gaussian_noise", severity=1, scaling=bad)

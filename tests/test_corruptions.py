@@ -1,4 +1,4 @@
-"""Tests for rcit_bench.data.corruptions: ranges, constants, determinism, rate mode, errors."""
+"""Tests for rcit_bench.data.corruptions: ranges, constants, determinism, rate mode, errors, the registry."""
 
 from __future__ import annotations
 
@@ -12,9 +12,18 @@ from rcit_bench.data.corruptions import (
     HELD_OUT_CORRUPTIONS,
     IMAGENET_C_CORRUPTIONS,
     RATE_CORRUPTIONS,
+    SEVERITY_CORRUPTIONS,
+    check_level,
     corrupt,
     corruption_grid,
+    corruption_info,
+    frost_source,
     list_corruptions,
+    ops,
+    pixel_noise_rate,
+    register_corruption,
+    registry,
+    weather,
 )
 
 SEVERITY_NAMES = list(IMAGENET_C_CORRUPTIONS) + list(HELD_OUT_CORRUPTIONS)
@@ -42,13 +51,44 @@ def batch(photo: torch.Tensor) -> torch.Tensor:
     )
 
 
+# independent literals: the published names and order (ImageNet-C's, then its held-out ones, then RCIT's)
+PUBLISHED_IMAGENET_C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+                        "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+                        "jpeg_compression")
+PUBLISHED_HELD_OUT = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+PUBLISHED_FAMILIES = {
+    "gaussian_noise": "noise", "shot_noise": "noise", "impulse_noise": "noise", "speckle_noise": "noise",
+    "speckle": "noise", "salt_pepper": "noise",
+    "defocus_blur": "blur", "glass_blur": "blur", "motion_blur": "blur", "zoom_blur": "blur", "gaussian_blur": "blur",
+    "snow": "weather", "frost": "weather", "fog": "weather", "spatter": "weather",
+    "brightness": "digital", "contrast": "digital", "elastic_transform": "digital", "pixelate": "digital",
+    "jpeg_compression": "digital", "saturate": "digital",
+}
+
+
 def test_names_and_families() -> None:
     names = list_corruptions()
-    assert len(IMAGENET_C_CORRUPTIONS) == 15 and len(HELD_OUT_CORRUPTIONS) == 4
-    assert set(HELD_OUT_CORRUPTIONS) == {"speckle_noise", "gaussian_blur", "spatter", "saturate"}
-    assert names[-2:] == ["speckle", "salt_pepper"] and len(names) == 21 == len(set(names))
-    assert set(CORRUPTION_FAMILIES) == set(names)
-    assert set(CORRUPTION_FAMILIES.values()) == {"noise", "blur", "weather", "digital"}
+    assert IMAGENET_C_CORRUPTIONS == PUBLISHED_IMAGENET_C and HELD_OUT_CORRUPTIONS == PUBLISHED_HELD_OUT
+    assert SEVERITY_CORRUPTIONS == PUBLISHED_IMAGENET_C + PUBLISHED_HELD_OUT
+    assert RATE_CORRUPTIONS == ("speckle", "salt_pepper")
+    assert names == list(PUBLISHED_IMAGENET_C + PUBLISHED_HELD_OUT) + ["speckle", "salt_pepper"]
+    assert len(names) == len(set(names))
+    assert CORRUPTION_FAMILIES == PUBLISHED_FAMILIES
+    assert list(CORRUPTION_FAMILIES) == sorted(names, key=lambda n: ["noise", "blur", "weather", "digital"].index(
+        PUBLISHED_FAMILIES[n]))  # grouped by family, as before the registry
+
+
+def test_derived_tuples_follow_the_registry_metadata() -> None:
+    infos = [corruption_info(n) for n in list_corruptions()]
+    assert IMAGENET_C_CORRUPTIONS == tuple(i.name for i in infos if i.suite == "imagenet_c")
+    assert HELD_OUT_CORRUPTIONS == tuple(i.name for i in infos if i.suite == "held_out")
+    assert RATE_CORRUPTIONS == tuple(i.name for i in infos if i.mode == "rate")
+    assert all(i.mode == "severity" for i in infos if i.name in SEVERITY_CORRUPTIONS)
+    assert CORRUPTION_FAMILIES == {i.name: i.family for i in infos}
+    assert {i.name for i in infos if i.colour} == {"brightness", "saturate", "snow", "frost", "spatter"}
+    assert {i.name for i in infos if i.in_range} == {"impulse_noise", "jpeg_compression", "pixelate"}
+    assert {i.name for i in infos if not i.random} == {"gaussian_blur", "defocus_blur", "zoom_blur", "brightness",
+                                                         "contrast", "saturate", "pixelate", "jpeg_compression"}
 
 
 @pytest.mark.parametrize("name", SEVERITY_NAMES)
@@ -205,7 +245,8 @@ def test_blur_preserves_constant_image() -> None:
 def test_corruption_grid_shape(photo: torch.Tensor) -> None:
     img = photo[0, :, :16, :16]
     grid = corruption_grid(img, severities=(1, 5), padding=2)
-    assert grid.shape == (3, 19 * 16 + 18 * 2, 3 * 16 + 2 * 2)
+    rows = sum(corruption_info(n).mode == "severity" for n in list_corruptions())  # 19 built in
+    assert grid.shape == (3, rows * 16 + (rows - 1) * 2, 3 * 16 + 2 * 2)
     torch.testing.assert_close(grid[:, :16, :16], img)  # top-left tile is the clean image
     assert grid[:, 16:18].eq(1).all()  # white gutter
 
@@ -284,11 +325,9 @@ def test_impulse_noise_salt_and_pepper_balance() -> None:
 def test_poisson_sampler_matches_poisson(c: int) -> None:
     from scipy.stats import chisquare, poisson
 
-    from rcit_bench.data.corruptions import _poisson
-
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     for lam in (0.0, 0.02, 1.0, 2.55, c * 0.7, float(c)):
-        y = _poisson(torch.full((2, 40000), lam), c, gens).numpy()
+        y = ops._poisson(torch.full((2, 40000), lam), c, gens).numpy()
         assert (y == np.round(y)).all() and y.min() >= 0
         if lam == 0:
             assert (y == 0).all()
@@ -301,16 +340,14 @@ def test_poisson_sampler_matches_poisson(c: int) -> None:
 
 
 def test_shot_noise_independent_of_chunking(monkeypatch: pytest.MonkeyPatch, batch: torch.Tensor) -> None:
-    import rcit_bench.data.corruptions as C
-
     full = corrupt(batch, "shot_noise", severity=1, image_ids=[1, 2, 3, 4])
-    monkeypatch.setattr(C, "_POISSON_CHUNK", 1000)  # chunks now straddle images
+    monkeypatch.setattr(ops, "_POISSON_CHUNK", 1000)  # chunks now straddle images
     assert torch.equal(corrupt(batch[2:], "shot_noise", severity=1, image_ids=[3, 4]), full[2:])
     assert torch.equal(corrupt(batch, "shot_noise", severity=1, image_ids=[1, 2, 3, 4]), full)
 
 
 def test_shift_sum_fft_matches_direct_shifts() -> None:
-    from rcit_bench.data.corruptions import _line_taps, _shift_sum, _tap_bounds
+    from rcit_bench.data.corruptions.ops import _line_taps, _shift_sum, _tap_bounds
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 2, 30, 41, generator=g)
@@ -332,28 +369,13 @@ def test_shift_sum_fft_matches_direct_shifts() -> None:
 
 
 def test_fast_len() -> None:
-    from rcit_bench.data.corruptions import _fast_len
-
-    assert [_fast_len(n) for n in (1, 7, 255, 286, 271)] == [1, 8, 256, 288, 288]
-
-
-def test_frost_bank_is_cached_and_deterministic(batch: torch.Tensor) -> None:
-    import rcit_bench.data.corruptions as C
-
-    a = corrupt(batch, "frost", severity=2, image_ids=[0, 1, 2, 3])
-    sizes = set(C._FROST_BANK)
-    bank = C._FROST_BANK[max(sizes)]
-    corrupt(batch, "frost", severity=2, image_ids=[0, 1, 2, 3])
-    assert C._FROST_BANK[max(sizes)] is bank  # reused, not regenerated
-    C._FROST_BANK.clear()  # regenerated from fixed seeds: the same pixels
-    assert torch.equal(corrupt(batch, "frost", severity=2, image_ids=[0, 1, 2, 3]), a)
-    assert bank.shape[:2] == (6, 3) and bank.min() >= 0 and bank.max() <= 1
+    assert [ops._fast_len(n) for n in (1, 7, 255, 286, 271)] == [1, 8, 256, 288, 288]
 
 
 def test_edge_distance_matches_scipy() -> None:
     from scipy.ndimage import distance_transform_edt
 
-    from rcit_bench.data.corruptions import _edge_distance
+    from rcit_bench.data.corruptions.weather import _edge_distance
 
     g = torch.Generator().manual_seed(0)
     for p in (0.0005, 0.01, 0.1):
@@ -365,7 +387,7 @@ def test_edge_distance_matches_scipy() -> None:
 
 
 def test_equalize_hist_matches_opencv_definition() -> None:
-    from rcit_bench.data.corruptions import _equalize_hist
+    from rcit_bench.data.corruptions.weather import _equalize_hist
 
     g = torch.Generator().manual_seed(0)
     v = torch.randint(2, 18, (3, 1, 20, 25), generator=g).float()
@@ -418,7 +440,7 @@ def test_jpeg_equals_pil_round_trip(photo: torch.Tensor) -> None:
 
 
 def test_any3x3_is_binary_dilation() -> None:
-    from rcit_bench.data.corruptions import _any3x3
+    from rcit_bench.data.corruptions.weather import _any3x3
 
     m = torch.rand(3, 20, 31, generator=torch.Generator().manual_seed(0)) < 0.2
     assert torch.equal(_any3x3(m), F.max_pool2d(m.float()[:, None], 3, 1, 1)[:, 0] > 0)
@@ -427,28 +449,24 @@ def test_any3x3_is_binary_dilation() -> None:
 @pytest.mark.parametrize("c", [60, 3])
 def test_poisson_guide_table_inverts_the_cdf_exactly(c: int) -> None:
     """On the lambda grid (no remainder) the sampler must return exactly the first k with CDF(k) > u."""
-    import rcit_bench.data.corruptions as C
-
-    cdf, guide = C._poisson_tables(c)
-    k = cdf.numel() // (c * C._POISSON_STEP + 1)
+    cdf, guide = ops._poisson_tables(c)
+    k = cdf.numel() // (c * ops._POISSON_STEP + 1)
     g = torch.Generator().manual_seed(c)
-    j = torch.randint(0, c * C._POISSON_STEP + 1, (50000,), generator=g)
+    j = torch.randint(0, c * ops._POISSON_STEP + 1, (50000,), generator=g)
     u1 = torch.rand(50000, generator=g)
     u1[:500] = (1 - torch.rand(500, generator=g) * 1e-4).clamp(max=1 - 2**-24)  # upper tail: searched buckets
     u1[500:1000] = torch.rand(500, generator=g) * 1e-4  # the lower tail
     out = torch.empty(50000)
-    C._poisson_chunk(j.float() / C._POISSON_STEP, u1, torch.zeros(50000), cdf, guide, c, out)
+    ops._poisson_chunk(j.float() / ops._POISSON_STEP, u1, torch.zeros(50000), cdf, guide, c, out)
     ref = torch.searchsorted(cdf.view(-1, k)[j], u1[:, None], right=True)[:, 0].clamp(max=k - 1)
     assert torch.equal(out.long(), ref)
-    assert ((guide[:, 0] >= C._POISSON_HARD).sum() > 0)  # the test reached the searched buckets
+    assert ((guide[:, 0] >= ops._POISSON_HARD).sum() > 0)  # the test reached the searched buckets
 
 
 def test_rate_mode_picks_exactly_k_pixels_when_keys_tie(monkeypatch: pytest.MonkeyPatch) -> None:
     """The k-th smallest key found by selection may be shared (float32 uniforms repeat): still exactly k pixels,
     and the same ones as the first k of a stable sort."""
-    import rcit_bench.data.corruptions as C
-
-    real = C._randn
+    real = pixel_noise_rate._randn
     keys_seen = []
 
     def coarse(gens, shape, device, uniform=False):  # keys on a grid of 8 values: ties everywhere
@@ -458,7 +476,7 @@ def test_rate_mode_picks_exactly_k_pixels_when_keys_tie(monkeypatch: pytest.Monk
             keys_seen.append(out.clone())
         return out
 
-    monkeypatch.setattr(C, "_randn", coarse)
+    monkeypatch.setattr(pixel_noise_rate, "_randn", coarse)
     x = torch.full((2, 3, 20, 20), 0.5)
     y = corrupt(x, "salt_pepper", rate=0.3, image_ids=[0, 1])
     changed = (y != x).any(dim=1).view(2, -1)
@@ -466,3 +484,190 @@ def test_rate_mode_picks_exactly_k_pixels_when_keys_tie(monkeypatch: pytest.Monk
     expected = torch.zeros(2, 400, dtype=torch.bool).scatter_(1, keys_seen[0].argsort(dim=1, stable=True)[:, :120], True)
     # a changed pixel must be a picked one (a pick may keep its value only if its draw equals 0.5: never here)
     assert torch.equal(changed, expected)
+
+
+# ---- the registry ----
+
+USER_MODULE = '''"""A user's corruption: a vignette (darkened corners), severity 1..5."""
+import torch
+
+from rcit_bench.data.corruptions import register_corruption
+
+STRENGTH = (0.2, 0.35, 0.5, 0.65, 0.8)  # darkening at the corners, severity 1..5
+
+
+@register_corruption("vignette", family="digital", random=False, in_range=True, suite="user")
+def vignette(x: torch.Tensor, s: int, gens: list[torch.Generator]) -> torch.Tensor:
+    """x * (1 - strength * r^2), r^2 = 0 at the centre and 1 at the corners; s is severity - 1."""
+    h, w = x.shape[-2:]
+    ys = torch.linspace(-1, 1, h, device=x.device).view(-1, 1)
+    xs = torch.linspace(-1, 1, w, device=x.device).view(1, -1)
+    return x * (1 - STRENGTH[s] * (ys**2 + xs**2) / 2)
+'''
+
+
+@pytest.fixture
+def restore_registry():
+    """Registrations made by a test are removed after it (the built-in ones are kept as they were)."""
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
+
+
+def test_user_corruption_from_its_own_module(tmp_path, monkeypatch, restore_registry) -> None:
+    import importlib
+    import sys
+
+    (tmp_path / "my_vignette.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_vignette", raising=False)
+    mod = importlib.import_module("my_vignette")
+    names = list_corruptions()
+    # after the built-in severity-mode names, before the rate-mode ones
+    assert names == list(SEVERITY_CORRUPTIONS) + ["vignette"] + list(RATE_CORRUPTIONS)
+    info = corruption_info("vignette")
+    assert (info.name, info.family, info.mode, info.suite, info.fn) == ("vignette", "digital", "severity", "user",
+                                                                       mod.vignette)
+    assert not info.random and info.in_range and not info.colour
+    x = torch.rand(2, 3, 24, 32, generator=torch.Generator().manual_seed(0))
+    y = corrupt(x, "vignette", severity=5)
+    assert torch.equal(y, mod.vignette(x, 4, []))
+    assert y[..., 12, 16].sub(x[..., 12, 16]).abs().max() < 0.01 and (y[..., 0, 0] < x[..., 0, 0] * 0.25).all()
+    assert corrupt(x[:, :1], "vignette", severity=1).shape == (2, 1, 24, 32)  # grey: the single channel
+    assert check_level("vignette", 2) == 2
+    with pytest.raises(ValueError, match=r"'vignette' is a severity-mode corruption: pass `severity` \(1..5\)"):
+        check_level("vignette", rate=0.5)
+    grid = corruption_grid(x[0, :, :16, :16], severities=(1,), padding=0)
+    assert grid.shape[1] == (len(SEVERITY_CORRUPTIONS) + 1) * 16  # a row for the user's corruption too
+
+
+def test_user_rate_corruption_is_one_function(restore_registry) -> None:
+    @register_corruption("dead_pixels", family="noise", mode="rate", suite="user")
+    def dead_pixels(x, rate, gens):
+        return pixel_noise_rate.replace_fraction(x, rate, gens, lambda: torch.zeros_like(x))
+
+    assert list_corruptions()[-3:] == ["speckle", "salt_pepper", "dead_pixels"]
+    x = torch.full((2, 3, 20, 20), 0.5)
+    y = corrupt(x, "dead_pixels", rate=0.25, image_ids=[0, 1])
+    assert ((y == 0).all(dim=1).sum(dim=(1, 2)) == 100).all() and ((y == 0.5) | (y == 0)).all()
+    assert torch.equal(y, corrupt(x, "dead_pixels", rate=0.25, image_ids=[0, 1]))
+    with pytest.raises(ValueError, match=r"'dead_pixels' is a rate-mode corruption: pass `rate`"):
+        corrupt(x, "dead_pixels", severity=1)
+    with pytest.raises(ValueError, match=r"rate mode is for 'speckle', 'salt_pepper', 'dead_pixels'"):
+        check_level("contrast", rate=0.5)
+
+
+def test_duplicate_registration_is_an_error(restore_registry) -> None:
+    before = dict(registry._REGISTRY)
+    with pytest.raises(ValueError, match=r"Corruption 'gaussian_noise' is already registered by "
+                                         r"rcit_bench\.data\.corruptions\.noise\._gaussian_noise"):
+        register_corruption("gaussian_noise", family="noise")(lambda x, s, gens: x)
+    assert registry._REGISTRY == before
+    register_corruption("twice", family="blur")(lambda x, s, gens: x)
+    with pytest.raises(ValueError, match=r"'twice' is already registered"):
+        register_corruption("twice", family="blur")(lambda x, s, gens: x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"mode": "severities"}, r"`mode` must be one of 'severity', 'rate', but got 'severities'.*Did you mean"),
+        ({"family": ""}, r"`family` must be a non-empty string"),
+        ({"suite": None}, r"`suite` must be a non-empty string"),
+    ],
+)
+def test_register_argument_errors(kwargs: dict, pattern: str, restore_registry) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        register_corruption("new_one", **{"family": "noise", **kwargs})
+    assert "new_one" not in list_corruptions()
+
+
+def test_unknown_name_in_corruption_info_and_check_level() -> None:
+    for fn in (corruption_info, check_level):
+        with pytest.raises(ValueError, match=r"Argument `name` must be one of 'gaussian_noise', .*'salt_pepper', "
+                                             r"but got 'gaussian_nosie'\. Did you mean 'gaussian_noise'\?"):
+            fn("gaussian_nosie")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, pattern",
+    [
+        ("fog", {"severity": 0}, r"`severity` must be an int in 1..5, but got 0"),
+        ("fog", {"severity": True}, r"`severity` must be an int in 1..5, but got True"),
+        ("fog", {}, r"Corruption 'fog' needs `severity` \(an int in 1..5\), but got severity=None"),
+        ("fog", {"severity": 2, "rate": 0.1}, r"exactly one of `severity` or `rate`, but got severity=2 and rate=0.1"),
+        ("fog", {"rate": 0.1}, (r"'fog' is an ImageNet-C corruption: pass `severity` \(1..5\) instead of `rate` "
+                                r"\(got rate=0.1\); rate mode is for 'speckle', 'salt_pepper'\.")),
+        ("speckle", {"rate": 1.01}, r"`rate` must be a number in \[0, 1\], but got 1.01"),
+        ("speckle", {"rate": "0.5"}, r"`rate` must be a number in \[0, 1\], but got '0.5'"),
+        ("speckle", {}, r"Corruption 'speckle' needs `rate` \(fraction of pixels in \[0, 1\]\), but got rate=None"),
+        ("speckle", {"severity": 2}, (r"'speckle' is an RCIT noise-rate corruption: pass `rate` \(fraction of "
+                                      r"pixels in \[0, 1\]\) instead of `severity` \(got severity=2\)")),
+    ],
+)
+def test_check_level_errors(name: str, kwargs: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        check_level(name, **kwargs)
+
+
+def test_check_level_returns_the_seeding_level() -> None:
+    assert check_level("fog", 3) == 3 and type(check_level("fog", 3.0)) is int
+    assert check_level("salt_pepper", rate=1) == 1.0 and type(check_level("salt_pepper", rate=0)) is float
+    assert check_level("speckle", None, 0.25) == 0.25
+
+
+# ---- frost: ImageNet-C's photographs, or the procedural fallback ----
+
+
+def test_frost_source_is_imagenet_c_when_the_package_is_installed() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("imagecorruptions") is None:
+        assert frost_source() == "procedural"
+        return
+    assert frost_source() == "imagenet_c"
+    _, photos = weather._frost_photos()
+    assert len(photos) == 5 and all(p.dtype == torch.uint8 and p.shape[0] == 3 for p in photos)
+    assert weather._frost_photos()[1] is photos  # decoded once per process
+
+
+def test_frost_rescale_follows_the_reference() -> None:
+    def reference(frost_hw, x_hw):  # imagecorruptions 1.1.2 frost(), its four cases
+        (f0, f1), (x0, x1) = frost_hw, x_hw
+        if f0 >= x0 and f1 >= x1:
+            sf = 1
+        elif f0 < x0 and f1 >= x1:
+            sf = x0 / f0
+        elif f0 >= x0 and f1 < x1:
+            sf = x1 / f1
+        else:
+            sf = np.maximum(x0 / f0, x1 / f1)
+        sf *= 1.1
+        return int(np.ceil(f0 * sf)), int(np.ceil(f1 * sf))
+
+    for frost_hw in ((600, 900), (315, 560), (350, 527)):
+        for grid in ((224, 224), (224, 336), (400, 224), (700, 1000), (8, 8), (315, 560)):
+            assert weather._frost_rescaled_size(frost_hw, grid) == reference(frost_hw, grid), (frost_hw, grid)
+
+
+def test_frost_falls_back_to_procedural_textures_and_warns_once(monkeypatch, caplog, batch) -> None:
+    monkeypatch.setattr(weather, "_frost_photo_dir", lambda: None)  # the package is not found
+    monkeypatch.setattr(weather, "_FROST_FALLBACK_WARNED", False)
+    assert frost_source() == "procedural"
+    with caplog.at_level("WARNING", logger="rcit_bench.data.corruptions.weather"):
+        a = corrupt(batch, "frost", severity=2, image_ids=[0, 1, 2, 3])
+        bank = weather._FROST_BANK[max(weather._FROST_BANK)]
+        assert torch.equal(corrupt(batch, "frost", severity=2, image_ids=[0, 1, 2, 3]), a)
+        assert weather._FROST_BANK[max(weather._FROST_BANK)] is bank  # reused, not regenerated
+    warned = [r for r in caplog.records if "procedural frost" in r.getMessage()]
+    assert len(warned) == 1 and "imagecorruptions" in warned[0].getMessage()
+    assert a.shape == batch.shape and a.min() >= 0 and a.max() <= 1 and not torch.equal(a, batch)
+    weather._FROST_BANK.clear()  # regenerated from fixed seeds: the same pixels
+    assert torch.equal(corrupt(batch, "frost", severity=2, image_ids=[0, 1, 2, 3]), a)
+    assert bank.shape[:2] == (6, 3) and bank.min() >= 0 and bank.max() <= 1
+    gray = corrupt(batch[:, :1], "frost", severity=2, image_ids=[0, 1, 2, 3])
+    assert gray.shape == (4, 1, 32, 32)
+    monkeypatch.undo()
+    if frost_source() == "imagenet_c":  # the photographs give other pixels
+        assert not torch.equal(corrupt(batch, "frost", severity=2, image_ids=[0, 1, 2, 3]), a)

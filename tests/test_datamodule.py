@@ -190,7 +190,7 @@ def test_missing_roots_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"corruption_mix\[0\]\.name.*Did you mean 'gaussian_noise'"):
         RetrievalDataModule("synthetic", tmp_path, train_corruption="augment",
                             corruption_mix=[{"name": "gausian_noise", "severity": 3}])
-    with pytest.raises(ValueError, match=r"exactly one of `severity`"):
+    with pytest.raises(ValueError, match=r"corruption_mix\[0\]: Corruption 'speckle' needs `rate`"):
         RetrievalDataModule("synthetic", tmp_path, train_corruption="paired", corruption_mix=[{"name": "speckle"}])
     with pytest.raises(ValueError, match="`augment_fraction`"):
         RetrievalDataModule("synthetic", tmp_path, augment_fraction=1.5)

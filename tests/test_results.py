@@ -88,3 +88,35 @@ def test_full_disk_names_file_keeps_old_result(tmp_path, monkeypatch) -> None:
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.json"]  # no temp file left
+
+
+def test_run_store_owns_its_folder(tmp_path: Path) -> None:
+    """One (entry, seed) folder: pending cells by entry hash, ranks written with the record, run state kept for
+    the same entry and reset (checkpoints removed, W&B id kept) for another, corrupt checkpoints set aside."""
+    import numpy as np
+
+    from rcit_bench.bench.spec import make_cell
+    from rcit_bench.bench.store import RunStore
+
+    store = RunStore.of(tmp_path, "s", "e", 3)
+    assert store.folder == tmp_path / "s" / "e" / "seed3" and store.cell_path("clean") == store.folder / "clean.json"
+    cells = [make_cell("clean"), make_cell("imagenet_c", corruption="fog", severity=2)]
+    rec = R.make_record(spec_name="s", spec_hash="h", entry_hash="E1", entry={"id": "e"}, seed=3,
+                        cell=cells[0].to_dict(), metrics={"rsum": 1.0})
+    store.write_cell("clean", rec, (np.array([1, 2]), np.array([1, 1, 3, 2]), np.array([0, 0, 1, 1])))
+    assert [c.id for c in store.pending(cells, "E1")] == ["ic-fog-s2"]
+    assert [c.id for c in store.pending(cells, "E2")] == ["clean", "ic-fog-s2"]  # another entry: stale
+    assert [c.id for c in store.pending(cells, "E1", force=True)] == ["clean", "ic-fog-s2"]
+    assert R.read_ranks(store.folder / "clean.ranks.npz")["t2i"].tolist() == [1, 1, 3, 2]
+
+    ids = iter(["run-a", "run-b"])
+    state = store.begin("E1", False, lambda: next(ids))
+    assert state == {"entry_hash": "E1", "wandb_run_id": "run-a"} and store.state() == state
+    store.checkpoint_dir.mkdir()
+    store.last_checkpoint.write_bytes(b"not a checkpoint")
+    store.save_state({**state, "trained": True})
+    assert store.begin("E1", False, lambda: next(ids))["trained"] is True  # same entry: kept
+    assert store.resumable() is None  # unreadable last.ckpt: set aside, not resumed from
+    assert (store.checkpoint_dir / "last.ckpt.corrupt").read_bytes() == b"not a checkpoint"
+    assert store.begin("E2", False, lambda: next(ids)) == {"entry_hash": "E2", "wandb_run_id": "run-a"}
+    assert not store.checkpoint_dir.exists()  # another configuration's checkpoints are gone

@@ -110,7 +110,7 @@ def _mutate(path: list, value: object, delete: bool = False) -> dict:
         (["evaluation", "text", "perturbations", 0], "char_typos", r"`evaluation\.text\.perturbations\[0\]`.*Did you mean 'char_typo'"),
         (["evaluation", "text", "levels"], [0], r"`evaluation\.text\.levels\[0\]` must be one of 1, 2, 3, 4, 5, but got 0"),
         (["entries", 1, "corruption_mix", 0, "name"], "speckel", r"`entries\[1\]\.corruption_mix\[0\]\.name`.*Did you mean 'speckle'"),
-        (["entries", 1, "corruption_mix", 0], {"name": "fog", "rate": 0.5}, r"`entries\[1\]\.corruption_mix\[0\]`: 'fog' is an ImageNet-C"),
+        (["entries", 1, "corruption_mix", 0], {"name": "fog", "rate": 0.5}, r"`entries\[1\]\.corruption_mix\[0\]`: Corruption 'fog' is an ImageNet-C corruption: pass `severity`"),
         (["entries", 1, "regime"], "augmented", r"`entries\[1\]\.regime` must be one of 'clean', 'augment', 'paired'.*Did you mean 'augment'"),
         (["entries", 0, "regime"], "paired", r"`entries\[0\]\.regime`: 'paired' training .* is for methods that train on both views \('rcit'\)"),
         (["baseline"], "vsepp", r"`baseline` must be one of 'vsepp_clean', .*Did you mean 'vsepp_aug'|`baseline` must be one of"),

@@ -17,7 +17,6 @@ import yaml
 
 from rcit_bench.bench import results as R
 from rcit_bench.bench import runner as RN
-from rcit_bench.bench.leaderboard import build_leaderboard
 from rcit_bench.bench.spec import sha256_json, validate_spec
 from rcit_bench.metrics import metrics_from_ranks
 from tiny_specs import TINY_MODEL, tiny_dataset, tiny_trainer

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import submitit
 from submitit.core.utils import DelayedSubmission
 
+from rcit_bench.errors import UserError
 from rcit_bench.utils import check_choice, did_you_mean, keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def spec_entry_ids(spec_path: str | os.PathLike) -> tuple[Path, list[str]]:
 
 def _check_int(arg: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Argument `{arg}` must be an integer >= {minimum}, but got {value!r}.")
+        raise UserError(f"Argument `{arg}` must be an integer >= {minimum}, but got {value!r}.")
     return value
 
 
@@ -150,7 +151,7 @@ def submit_spec(
         for eid in only:
             if eid not in entry_ids:
                 listed = ", ".join(repr(e) for e in entry_ids)
-                raise ValueError(f"Argument `only` must name entries of spec {str(spec_path)!r} ({listed}), "
+                raise UserError(f"Argument `only` must name entries of spec {str(spec_path)!r} ({listed}), "
                                  f"but got {eid!r}.{did_you_mean(eid, entry_ids)}")
         entry_ids = [e for e in entry_ids if e in set(only)]
 

@@ -405,6 +405,24 @@ def verdicts(board: Board, rs: Resampler) -> list[str]:
     return lines
 
 
+def corruption_source_note(board: Board) -> str | None:
+    """Which source the corruptions that can differ between installations used (frost: the ImageNet-C frost
+    photographs, or the procedural fallback, which is not comparable with published frost numbers)."""
+    used: dict[str, set[str]] = defaultdict(set)
+    for r in board.rows:
+        if r.corruption and r.record.get("corruption_source"):
+            used[r.corruption].add(r.record["corruption_source"])
+    if not used:
+        return None
+    parts = [f"`{name}`: {' and '.join(sorted(srcs))}" for name, srcs in sorted(used.items())]
+    note = "Corruption sources: " + "; ".join(parts) + "."
+    if any("procedural" in srcs for srcs in used.values()):
+        note += (" **procedural** means the ImageNet-C photographs were not installed (`pip install "
+                 "rcit-bench[imagenet-c]`) and a procedural stand-in was used: those cells are not comparable with "
+                 "published numbers.")
+    return note
+
+
 def image_change_table(board: Board) -> str | None:
     """Mean absolute change of the test images per corruption and level, in 8-bit grey levels (PSNR in dB)."""
     cols: list[tuple[str, list[tuple[str, str]]]] = []
@@ -578,13 +596,11 @@ def plot_severity(board: Board, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    try:
-        from rcit_bench.data.corruptions import CORRUPTION_FAMILIES
-    except ImportError:
-        CORRUPTION_FAMILIES = {}
+    from rcit_bench.data.corruptions import corruption_info
+
     families: dict[str, list[str]] = defaultdict(list)
-    for name in board.ic_corruptions:
-        families[CORRUPTION_FAMILIES.get(name, "other")].append(name)
+    for name in board.ic_corruptions:  # the spec was validated: every name is registered
+        families[corruption_info(name).family].append(name)
     paths = []
     for fam, names in sorted(families.items()):
         ncol = min(len(names), 4)
@@ -703,6 +719,8 @@ def build_leaderboard(spec_path: str | Path | Spec, results_dir: str | Path = "r
         "layers built on the 224 px grid and resized), so a small image looks as if it were corrupted at 224 px. "
         "Some corruptions then barely change small images (marked " + UNCHANGED_MARK + "); "
         "`dataset.options.corruption_scaling: published` applies the published constants instead.") + "\n")
+    if note := corruption_source_note(board):
+        md.append(note + "\n")
     md.append("## Main table\n")
     md.append(main_table(board, rs) + "\n")
     base = spec.baseline or "(none)"

@@ -82,7 +82,8 @@ def provenance(**extra: Any) -> dict[str, Any]:
 
 
 #: Optional record sections (see :func:`make_record`).
-RECORD_SECTIONS = ("ties", "intervals", "ranks_file", "image_change", "training", "config", "config_hash")
+RECORD_SECTIONS = ("ties", "intervals", "ranks_file", "image_change", "corruption_source", "training", "config",
+                   "config_hash")
 
 
 def make_record(*, spec_name: str, spec_hash: str, entry_hash: str, entry: dict[str, Any], seed: int,
@@ -92,7 +93,8 @@ def make_record(*, spec_name: str, spec_hash: str, entry_hash: str, entry: dict[
 
     ``sections`` adds any of ``RECORD_SECTIONS``: ``ties`` (queries tied at their positive, per direction),
     ``intervals`` (95% bootstrap intervals per metric), ``ranks_file`` (the per-query ranks beside the
-    record), ``image_change`` (how far the test images moved from the clean ones), ``training`` (the budget
+    record), ``image_change`` (how far the test images moved from the clean ones), ``corruption_source`` (what
+    the corruption's pixels come from, when that can differ: frost), ``training`` (the budget
     the model used), ``config`` / ``config_hash`` (the one composed configuration of the entry and seed).
     """
     if status not in STATUSES:

@@ -387,6 +387,15 @@ def result_sections(out: Any) -> tuple[dict[str, Any], tuple[Any, Any, Any] | No
     return sec, (out.ranks_i2t.numpy(), out.ranks_t2i.numpy(), out.caption_to_image.numpy())
 
 
+def corruption_source(cell: Cell) -> dict[str, str]:
+    """``{"corruption_source": ...}`` for a cell whose corruption says where its pixels come from (frost: the
+    ImageNet-C photographs, or the procedural fallback when they are not installed), else nothing."""
+    from rcit_bench.data.corruptions import corruption_info
+
+    info = None if cell.corruption is None else corruption_info(cell.corruption)
+    return {} if info is None or info.source is None else {"corruption_source": info.source()}
+
+
 #: Resamples of the image-level cluster bootstrap stored with every cell (intervals at 95%).
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -554,6 +563,7 @@ def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, progress: S
                 out = p.evaluator(cell, images=_shared_images(cell, p, prepared, shared))
                 metrics = out if isinstance(out, dict) else out.metrics
                 sections, ranks = result_sections(out)
+                sections.update(corruption_source(cell))
             except FloatingPointError as err:
                 status, reason = "failed", f"evaluation failed: {err}"
             except (RuntimeError, ValueError) as err:  # one broken cell must not lose the rest of the sweep

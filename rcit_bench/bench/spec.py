@@ -36,7 +36,8 @@ SEVERITIES = (1, 2, 3, 4, 5)
 TEXT_LEVELS = (1, 2, 3, 4, 5)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-TOP_KEYS = ("name", "description", "dataset", "entries", "evaluation", "seeds", "baseline", "trainer", "early_stopping",
+TOP_KEYS = ("name", "description", "imports", "dataset", "entries", "evaluation", "seeds", "baseline", "trainer",
+            "early_stopping",
             "wandb")
 EARLY_STOPPING_KEYS = ("patience", "min_delta")
 #: Every entry trains until val RSUM has not improved for `patience` validations, within the trainer's budget.
@@ -57,6 +58,46 @@ OVERRIDE_KEYS = ("model", "optim", "data", "trainer")
 # names known to the other modules (imported lazily: the spec module must import without torch models)
 
 
+def import_plugins(imports: Any, spec_dir: Path | None = None) -> list[Any]:
+    """Import the user's modules a spec names under ``imports`` (a module name, or a ``.py`` file relative to
+    the spec), so that the corruptions, datasets and methods they register can be used in the spec."""
+    import importlib
+    import importlib.util
+    import sys
+
+    modules = []
+    for i, item in enumerate(_check_list("imports", imports)):
+        where = f"imports[{i}]"
+        if not isinstance(item, str) or not item:
+            raise UserError(f"Spec key `{where}` must be a module name or a .py file, but got {item!r}.")
+        if item.endswith(".py"):
+            path = Path(item)
+            if not path.is_absolute() and spec_dir is not None:
+                path = spec_dir / path
+            if not path.is_file():
+                raise UserError(f"Spec key `{where}`: file {item!r} not found (looked at {path}).")
+            name = f"rcit_bench_plugin_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}_{path.stem}"
+            if name not in sys.modules:
+                loader_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[name] = module
+                try:
+                    loader_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            modules.append(sys.modules[name])
+        else:
+            try:
+                modules.append(importlib.import_module(item))
+            except ModuleNotFoundError as err:
+                if err.name != item.split(".")[0] and err.name != item:
+                    raise
+                raise UserError(f"Spec key `{where}`: module {item!r} not found; give an importable module name "
+                                f"(on PYTHONPATH) or a .py file path relative to the spec.") from None
+    return modules
+
+
 def known_methods() -> list[str]:
     """Registered method names (the registry imports the built-in method modules on first use)."""
     from rcit_bench.models.registry import list_methods
@@ -65,11 +106,11 @@ def known_methods() -> list[str]:
 
 
 def known_corruptions() -> tuple[list[str], list[str], list[str]]:
-    """(all names, ImageNet-C severity names, rate-mode names) from rcit_bench.data.corruptions."""
-    from rcit_bench.data import corruptions as C
+    """(all names, severity-mode names, rate-mode names) of the registered corruptions, a user's included."""
+    from rcit_bench.data.corruptions import corruption_info, list_corruptions
 
-    rate = list(C.RATE_CORRUPTIONS)
-    allnames = list(C.list_corruptions())
+    allnames = list(list_corruptions())
+    rate = [n for n in allnames if corruption_info(n).mode == "rate"]
     return allnames, [n for n in allnames if n not in rate], rate
 
 
@@ -285,28 +326,34 @@ def _check_levels(where: str, value: Any, allowed: Iterable[int]) -> list[int]:
 
 
 def _check_rate(where: str, v: Any) -> float:
+    """A noise rate of the evaluation grid: in (0, 1] (rate 0 is the clean cell, already in the grid)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
         raise UserError(f"Spec key `{where}` must be a noise rate in (0, 1], but got {v!r}.")
     return float(v)
 
 
 def _check_mix(where: str, value: Any) -> list[dict[str, Any]]:
-    """Corruption mix for training: [{name, severity | rate}], names and levels checked like eval cells."""
-    allnames, sev_names, rate_names = known_corruptions()
+    """Corruption mix for training: [{name, severity | rate}], the level checked by the corruptions' own rule."""
+    allnames, _, rate_names = known_corruptions()
     mix = []
     for i, item in enumerate(_check_list(where, value)):
         w = f"{where}[{i}]"
         _check_keys(item, w, MIX_KEYS, required=("name",))
         name = _check_name(f"{w}.name", item["name"], allnames)
-        if name in rate_names:
-            if "severity" in item or "rate" not in item:
-                raise UserError(f"Spec key `{w}`: '{name}' is a noise-rate corruption; give `rate` (not `severity`).")
-            mix.append({"name": name, "rate": _check_rate(f"{w}.rate", item["rate"])})
-        else:
-            if "rate" in item or "severity" not in item:
-                raise UserError(f"Spec key `{w}`: '{name}' is an ImageNet-C corruption; give `severity` (1..5).")
-            mix.append({"name": name, "severity": _check_levels(f"{w}.severity", item["severity"], SEVERITIES)[0]})
+        level = corruption_level(w, name, item.get("severity"), item.get("rate"))
+        mix.append({"name": name, ("rate" if name in rate_names else "severity"): level})
     return mix
+
+
+def corruption_level(where: str, name: str, severity: Any = None, rate: Any = None) -> int | float:
+    """The severity or rate of corruption `name`, by the one severity-or-rate rule
+    (rcit_bench.data.corruptions.check_level), its error prefixed with the spec key."""
+    from rcit_bench.data.corruptions import check_level
+
+    try:
+        return check_level(name, severity, rate)
+    except ValueError as err:
+        raise UserError(f"Spec key `{where}`: {err}") from None
 
 
 def _resolve_config(where: str, value: str, method: str, spec_dir: Path | None) -> str:
@@ -373,6 +420,8 @@ def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
     """Validate a parsed spec dict and return a :class:`Spec` (defaults filled in). Raises ValueError."""
     spec_dir = Path(path).resolve().parent if path is not None else None
     _check_keys(data, "", TOP_KEYS, required=("name", "dataset", "entries", "evaluation"))
+    if "imports" in data:
+        import_plugins(data["imports"], spec_dir)  # first: they register the names checked below
     name = data["name"]
     if not isinstance(name, str) or not _ID_RE.match(name):
         raise UserError(f"Spec key `name` must be a short identifier (letters, digits, _ . -), but got {name!r}.")
@@ -477,6 +526,8 @@ def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
         ],
         "evaluation": evaluation,
     }
+    if data.get("imports"):  # recorded when given (specs without keep their hash)
+        raw["imports"] = list(data["imports"])
     return Spec(name, Path(path) if path is not None else None, str(data.get("description", "")), kind,
                 dict(options), entries, evaluation, list(seeds), baseline, trainer, wandb_cfg, copy.deepcopy(raw),
                 None if early is None else dict(early))

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rcit_bench.errors import UserError
+
 __all__ = [
     "CaptionSplit",
     "UnreadableImageError",
@@ -31,7 +33,7 @@ __all__ = [
 _TOKEN_RE = re.compile(r"[a-z0-9]+")
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(UserError):
     """An image file exists but cannot be decoded (truncated, not an image, ...)."""
 
 
@@ -171,7 +173,7 @@ class CaptionSplit:
         if n is None or n >= len(self):
             return self
         if n < 1:
-            raise ValueError(f"Argument `limit` must be a positive number of images, but got {n}.")
+            raise UserError(f"Argument `limit` must be a positive number of images, but got {n}.")
         keep = torch.nonzero(self.caption_to_image < n).flatten().tolist()
         return CaptionSplit(
             image_ids=self.image_ids[:n],

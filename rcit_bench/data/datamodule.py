@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rcit_bench.errors import UserError
 from rcit_bench.data.captions import CaptionSplit, simple_tokenize
+from rcit_bench.data.corruptions import SCALINGS
 from rcit_bench.data.datasets import TRAIN_REGIMES, DataSource, dataset_info
 from rcit_bench.data.karpathy import SPLITS
 from rcit_bench.data.vocab import HFTokenizer, Vocabulary
@@ -72,26 +74,15 @@ def _corrupt_one(image: torch.Tensor, spec: dict, seed: int, image_id: int, scal
     return _corrupt(image[None], spec, seed, [image_id], scaling)[0]
 
 
-def _scalings() -> tuple[str, ...]:
-    """The corruptions module's own list of scalings (checked before workers start)."""
-    try:
-        from rcit_bench.data.corruptions import SCALINGS
-    except ImportError as exc:  # pragma: no cover - module written by another engineer
-        raise ImportError(f"corruption_scaling needs rcit_bench.data.corruptions, which could not be imported: "
-                          f"{exc}") from exc
-    return SCALINGS
-
-
 def _validate_corruption(name: str, severity: int | None, rate: float | None, where: str, arg: str) -> dict:
-    """Check a corruption spec early (before workers start) with the corruptions module's own name list."""
-    try:
-        from rcit_bench.data.corruptions import list_corruptions
-    except ImportError as exc:  # pragma: no cover - module written by another engineer
-        raise ImportError(f"{where} needs rcit_bench.data.corruptions, which could not be imported: {exc}") from exc
+    """Check a corruption spec early (before workers start) by the corruptions' own name list and level rule."""
+    from rcit_bench.data.corruptions import check_level, list_corruptions
+
     check_choice(arg, name, list_corruptions())
-    if (severity is None) == (rate is None):
-        raise ValueError(f"{where} for {name!r} needs exactly one of `severity` (1..5) or `rate` ([0, 1]), "
-                         f"but got severity={severity!r}, rate={rate!r}.")
+    try:
+        check_level(name, severity, rate)
+    except ValueError as err:
+        raise UserError(f"{where}: {err}") from None
     return {"name": name, "severity": severity, "rate": rate}
 
 
@@ -308,21 +299,21 @@ class RetrievalDataModule(L.LightningDataModule):
         super().__init__()
         info = dataset_info(dataset)
         check_choice("train_corruption", train_corruption, TRAIN_REGIMES)
-        check_choice("corruption_scaling", corruption_scaling, _scalings())
+        check_choice("corruption_scaling", corruption_scaling, SCALINGS)
         for arg, value in (("image_size", image_size), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Argument `{arg}` must be a positive integer, but got {value!r}.")
+                raise UserError(f"Argument `{arg}` must be a positive integer, but got {value!r}.")
         if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"Argument `num_workers` must be an integer >= 0, but got {num_workers!r}.")
+            raise UserError(f"Argument `num_workers` must be an integer >= 0, but got {num_workers!r}.")
         if not 0.0 <= float(augment_fraction) <= 1.0:
-            raise ValueError(f"Argument `augment_fraction` must be in [0, 1], but got {augment_fraction!r}.")
+            raise UserError(f"Argument `augment_fraction` must be in [0, 1], but got {augment_fraction!r}.")
         for arg, value in (("limit_train", limit_train), ("limit_val", limit_val), ("limit_test", limit_test)):
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"Argument `{arg}` must be a positive integer or None, but got {value!r}.")
+                raise UserError(f"Argument `{arg}` must be a positive integer or None, but got {value!r}.")
         if info.needs_json and (json_path is None or root is None):
-            raise ValueError(f"dataset={dataset!r} needs `json_path` (the Karpathy JSON) and `root` (the image root).")
+            raise UserError(f"dataset={dataset!r} needs `json_path` (the Karpathy JSON) and `root` (the image root).")
         if root is None and info.default_root is None:
-            raise ValueError(f"dataset={dataset!r} needs `root` ({info.description or 'where the data is'}).")
+            raise UserError(f"dataset={dataset!r} needs `root` ({info.description or 'where the data is'}).")
         # logger=False: model and datamodule both name a `text_encoder` (a network vs a tokenizer), which
         # Lightning refuses to merge for the logger; the runner records the datamodule's options itself
         self.save_hyperparameters(logger=False)
@@ -344,10 +335,10 @@ class RetrievalDataModule(L.LightningDataModule):
         if train_corruption != "clean":
             mix = list(corruption_mix) if corruption_mix is not None else [dict(d) for d in DEFAULT_CORRUPTION_MIX]
             if not mix:
-                raise ValueError(f"Argument `corruption_mix` must not be empty when train_corruption={train_corruption!r}.")
+                raise UserError(f"Argument `corruption_mix` must not be empty when train_corruption={train_corruption!r}.")
             for j, spec in enumerate(mix):
                 if not isinstance(spec, dict) or "name" not in spec or set(spec) - {"name", "severity", "rate"}:
-                    raise ValueError(f"Argument `corruption_mix[{j}]` must be a dict with 'name' and 'severity' or "
+                    raise UserError(f"Argument `corruption_mix[{j}]` must be a dict with 'name' and 'severity' or "
                                      f"'rate', but got {spec!r}.")
                 self.corruption_mix.append(_validate_corruption(spec["name"], spec.get("severity"), spec.get("rate"),
                                                                 f"corruption_mix[{j}]", f"corruption_mix[{j}].name"))
@@ -480,7 +471,7 @@ class RetrievalDataModule(L.LightningDataModule):
         if corruption is not None:
             spec = _validate_corruption(corruption, severity, rate, "corruption", "corruption")
         elif severity is not None or rate is not None:
-            raise ValueError(f"`severity`/`rate` given ({severity!r}/{rate!r}) without a `corruption` name.")
+            raise UserError(f"`severity`/`rate` given ({severity!r}/{rate!r}) without a `corruption` name.")
         return self._loader(_ImageDataset(self._store(split)), self.eval_batch_size,
                             _CorruptingCollate(spec, self.eval_seed, self.corruption_scaling))
 
@@ -491,6 +482,6 @@ class RetrievalDataModule(L.LightningDataModule):
 
             check_choice("perturbation", perturbation, list_perturbations())
             if level is None:
-                raise ValueError(f"Argument `level` is required with perturbation={perturbation!r}.")
+                raise UserError(f"Argument `level` is required with perturbation={perturbation!r}.")
         return self._loader(_CaptionDataset(self._token_ids(split, perturbation, level)), self.eval_batch_size,
                             _Collate(_collate_captions, self.pad_id))

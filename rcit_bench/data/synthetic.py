@@ -186,7 +186,6 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 
 
 def _render(rng: np.random.Generator, objects: list[dict], size: int) -> Image.Image:
-    side = size * _SUPERSAMPLE
     # texture at the final resolution, upsampled by pixel repetition so reduce() gives it back unchanged
     bg = _background(rng, size).repeat(_SUPERSAMPLE, 0).repeat(_SUPERSAMPLE, 1)
     img = Image.fromarray(bg)

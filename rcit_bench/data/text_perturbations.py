@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 import string
 
+from rcit_bench.errors import UserError
 from rcit_bench.utils import did_you_mean, stable_hash
 
 __all__ = ["perturb_caption", "list_perturbations", "PERTURBATION_RATE_PER_LEVEL"]
@@ -66,13 +67,13 @@ def perturb_caption(caption: str, name: str, level: int, seed: int = 0, caption_
     """Return `caption` perturbed by `name` at `level` (1..5, rate 0.05 x level), deterministically."""
     if name not in _PERTURBATIONS:
         listed = ", ".join(f"'{n}'" for n in _PERTURBATIONS)
-        raise ValueError(
+        raise UserError(
             f"Argument `name` must be one of {listed}, but got {name!r}.{did_you_mean(str(name), _PERTURBATIONS)}"
         )
     if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 5:
-        raise ValueError(f"Argument `level` must be an int in 1..5, but got {level!r}.")
+        raise UserError(f"Argument `level` must be an int in 1..5, but got {level!r}.")
     if not isinstance(caption, str):
-        raise ValueError(f"Argument `caption` must be a str, but got {type(caption).__name__}.")
+        raise UserError(f"Argument `caption` must be a str, but got {type(caption).__name__}.")
     rng = random.Random(stable_hash(int(seed), int(caption_id), name, level))
     rate = PERTURBATION_RATE_PER_LEVEL * level
     words = caption.split()

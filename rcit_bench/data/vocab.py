@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from rcit_bench.errors import UserError
 from rcit_bench.data.captions import simple_tokenize
 from rcit_bench.utils import PAD_ID, atomic_write_text
 
@@ -35,9 +36,9 @@ class Vocabulary:
     def __init__(self, itos: Sequence[str]) -> None:
         itos = list(itos)
         if tuple(itos[:4]) != SPECIALS:
-            raise ValueError(f"A vocabulary must start with the specials {SPECIALS}, but starts with {itos[:4]}.")
+            raise UserError(f"A vocabulary must start with the specials {SPECIALS}, but starts with {itos[:4]}.")
         if len(set(itos)) != len(itos):
-            raise ValueError("Vocabulary words must be unique.")
+            raise UserError("Vocabulary words must be unique.")
         self.itos: list[str] = itos
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(itos)}
 
@@ -47,7 +48,7 @@ class Vocabulary:
     def build(cls, token_lists: Iterable[Sequence[str]], min_count: int = 1) -> "Vocabulary":
         """Vocabulary of the words that occur at least `min_count` times in `token_lists` (training captions)."""
         if min_count < 1:
-            raise ValueError(f"Argument `min_count` must be >= 1, but got {min_count}.")
+            raise UserError(f"Argument `min_count` must be >= 1, but got {min_count}.")
         counts = Counter(t for toks in token_lists for t in toks)
         words = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIALS), key=lambda w: (-counts[w], w))
         return cls(list(SPECIALS) + words)
@@ -93,7 +94,7 @@ class Vocabulary:
             raise FileNotFoundError(f"Vocabulary file not found: {path}")
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or "itos" not in data:
-            raise ValueError(f"{path} is not a vocabulary file (expected a JSON object with 'itos').")
+            raise UserError(f"{path} is not a vocabulary file (expected a JSON object with 'itos').")
         return cls(data["itos"])
 
 
@@ -110,7 +111,7 @@ class HFTokenizer:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise ValueError(
+            raise UserError(
                 f"Argument `text_encoder`: could not load a tokenizer from {str(name_or_path)!r} with local files "
                 f"only ({type(exc).__name__}: {exc}). Pass a local directory holding the tokenizer files "
                 f"(save one with `AutoTokenizer.from_pretrained(name).save_pretrained(dir)` on a machine with "

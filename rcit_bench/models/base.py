@@ -42,6 +42,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from rcit_bench.errors import UserError
 from rcit_bench.models.registry import build_image_encoder, build_text_encoder
 
 __all__ = ["RetrievalModule", "encoder_config"]
@@ -54,7 +55,7 @@ def encoder_config(cfg: str | dict[str, Any], arg: str) -> tuple[str, dict[str, 
     if isinstance(cfg, dict) and "name" in cfg:
         kw = dict(cfg)
         return str(kw.pop("name")), kw
-    raise ValueError(f"Argument `{arg}` must be a name or a mapping with a `name` key, but got {cfg!r}.")
+    raise UserError(f"Argument `{arg}` must be a name or a mapping with a `name` key, but got {cfg!r}.")
 
 
 class RetrievalModule(L.LightningModule):
@@ -99,7 +100,7 @@ class RetrievalModule(L.LightningModule):
             from rcit_bench.utils import did_you_mean
 
             bad = sorted(unused)[0]
-            raise ValueError(
+            raise UserError(
                 f"Unknown argument(s) {sorted(unused)} for method {self.method_name!r}; valid: {valid}."
                 f"{did_you_mean(bad, valid)}"
             )

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from rcit_bench.errors import UserError
 from rcit_bench.models.layers import lengths_to_mask
 from rcit_bench.models.registry import register_image_encoder, register_text_encoder
 from rcit_bench.utils import PAD_ID
@@ -62,7 +63,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"Weights file {str(path)!r} does not hold a state dict (got {type(state).__name__}).")
+        raise UserError(f"Weights file {str(path)!r} does not hold a state dict (got {type(state).__name__}).")
     return state
 
 
@@ -96,7 +97,7 @@ class ImageEncoder(nn.Module):
     def preprocess(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [0, 1] -> resized to ``input_size`` and normalised."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"Image encoder expects images of shape (B, 3, H, W), got {tuple(images.shape)}.")
+            raise UserError(f"Image encoder expects images of shape (B, 3, H, W), got {tuple(images.shape)}.")
         x = images.float()
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
@@ -164,7 +165,7 @@ class TimmImageEncoder(ImageEncoder):
         if not timm.is_model(model_name):
             from rcit_bench.utils import did_you_mean
 
-            raise ValueError(
+            raise UserError(
                 f"Argument `image_encoder`: unknown timm model {model_name!r}."
                 f"{did_you_mean(model_name, timm.list_models())} See timm.list_models()."
             )
@@ -195,7 +196,7 @@ class TimmImageEncoder(ImageEncoder):
         state = load_state_dict_file(weights_path)
         result = self.backbone.load_state_dict(state, strict=False)
         if result.missing_keys:
-            raise ValueError(
+            raise UserError(
                 f"Weights file {str(weights_path)!r} does not match timm model {self.model_name!r}: "
                 f"{len(result.missing_keys)} missing keys, e.g. {result.missing_keys[:5]}."
             )
@@ -222,7 +223,7 @@ def _build_small_cnn(spec: str | None, embed_dim: int, input_size: int = 64,
 def _build_timm(spec: str | None, embed_dim: int, pretrained: bool = False, weights_path: str | None = None,
                 input_size: int | None = None) -> TimmImageEncoder:
     if not spec:
-        raise ValueError("Argument `image_encoder`: write 'timm:<model name>', e.g. 'timm:resnet152'.")
+        raise UserError("Argument `image_encoder`: write 'timm:<model name>', e.g. 'timm:resnet152'.")
     return TimmImageEncoder(spec, embed_dim, pretrained=pretrained, weights_path=weights_path, input_size=input_size)
 
 
@@ -239,7 +240,7 @@ class RNNTextEncoder(nn.Module):
                  bidirectional: bool = False, pad_id: int = PAD_ID) -> None:
         super().__init__()
         if vocab_size is None or int(vocab_size) <= 0:
-            raise ValueError(f"Argument `vocab_size` must be a positive int for a GRU text encoder, got {vocab_size!r}.")
+            raise UserError(f"Argument `vocab_size` must be a positive int for a GRU text encoder, got {vocab_size!r}.")
         self.embed_dim = int(embed_dim)
         self.bidirectional = bool(bidirectional)
         self.embed = nn.Embedding(int(vocab_size), word_dim, padding_idx=pad_id)
@@ -313,5 +314,5 @@ def _build_bigru(spec: str | None, embed_dim: int, vocab_size: int | None = None
 def _build_transformer(spec: str | None, embed_dim: int, vocab_size: int | None = None,
                        local_files_only: bool = True, **_: Any) -> TransformerTextEncoder:
     if not spec:
-        raise ValueError("Argument `text_encoder`: write 'transformer:<local path or hub name>'.")
+        raise UserError("Argument `text_encoder`: write 'transformer:<local path or hub name>'.")
     return TransformerTextEncoder(spec, embed_dim, local_files_only=local_files_only)

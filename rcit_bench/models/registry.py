@@ -20,6 +20,7 @@ from typing import Any, Callable, TypeVar
 
 import yaml
 
+from rcit_bench.errors import UserError
 from rcit_bench.utils import did_you_mean
 
 T = TypeVar("T")
@@ -95,7 +96,7 @@ def register_method(name: str, *, tiny_config: dict[str, Any] | None = None) -> 
 
     def deco(cls: type[T]) -> type[T]:
         if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"Method {name!r} is already registered by {_METHODS[name].__qualname__}.")
+            raise UserError(f"Method {name!r} is already registered by {_METHODS[name].__qualname__}.")
         _METHODS[name] = cls
         cls.method_name = name  # type: ignore[attr-defined]
         if tiny_config is not None:
@@ -139,7 +140,7 @@ def flatten_method_config(config: dict[str, Any]) -> dict[str, Any]:
         sub = config.pop(section, None)
         if sub is not None:
             if not isinstance(sub, dict):
-                raise ValueError(f"Config section `{section}` must be a mapping, but got {type(sub).__name__}.")
+                raise UserError(f"Config section `{section}` must be a mapping, but got {type(sub).__name__}.")
             flat.update(sub)
     data = config.pop("data", None)
     config.pop("trainer", None)
@@ -190,11 +191,11 @@ def load_method_config(name_or_path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"Method config file {str(path)!r} (argument `name_or_path`) does not exist.")
     cfg = yaml.safe_load(path.read_text()) or {}
     if not isinstance(cfg, dict) or "method" not in cfg:
-        raise ValueError(f"Method config {str(path)!r} must be a mapping with a `method` key.")
+        raise UserError(f"Method config {str(path)!r} must be a mapping with a `method` key.")
     allowed = {"method", "model", "optim", "trainer", "data", "description"}
     extra = sorted(set(cfg) - allowed)
     if extra:
-        raise ValueError(
+        raise UserError(
             f"Method config {str(path)!r} has unknown top-level keys {extra}; allowed: {sorted(allowed)}."
         )
     for section in ("model", "optim", "trainer", "data"):
