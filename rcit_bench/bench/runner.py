@@ -569,8 +569,6 @@ def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, progress: S
             except (RuntimeError, ValueError) as err:  # one broken cell must not lose the rest of the sweep
                 status, reason = "failed", f"{type(err).__name__}: {err}"
                 log.error("%s %s failed:\n%s", where, cell.id, traceback.format_exc())
-            if ranks is not None:
-                sections["ranks_file"] = R.ranks_path(p.store.cell_path(cell.id)).name
             p.store.write_cell(cell.id, p.record(cell, metrics, status, reason, sections, time.monotonic() - c0), ranks)
             if status == "ok":
                 summary.evaluated += 1

@@ -66,11 +66,12 @@ class RunStore:
         return [c for c in cells if force or not R.is_done(self.cell_path(c.id), entry_hash)]
 
     def write_cell(self, cell_id: str, record: dict[str, Any], ranks: tuple[Any, Any, Any] | None = None) -> Path:
-        """The cell's record, after its per-query ranks ``(i2t, t2i, caption_to_image)`` when given: a record
-        on disk always has its ranks."""
+        """The cell's record, after its per-query ranks ``(i2t, t2i, caption_to_image)`` when given (named in
+        the record's ``ranks_file``): a record on disk always has its ranks."""
         path = self.cell_path(cell_id)
         if ranks is not None:
-            R.write_ranks(R.ranks_path(path), *ranks)
+            rp = R.write_ranks(R.ranks_path(path), *ranks)
+            record = {**record, "ranks_file": rp.name}
         return R.write_result(path, record)
 
     # --------------------------------------------------------------------------------------------- state
