@@ -14,29 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 
-from rcit_bench.utils import keep_freed_memory, machine_header
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+from rcit_bench.utils import keep_freed_memory, machine_header, proc_status_kb, reset_peak_rss
 
 
 KINDS = {
@@ -102,15 +84,15 @@ def worker(kind: str, n_img: int, caps: int, repeats: int, resamples: int = 1000
             return out
 
     run_times, cpu_times = [], []
-    rss0 = _status_kb("VmRSS")
-    reset_ok = _reset_peak()
-    hwm_before = _status_kb("VmHWM")
+    rss0 = proc_status_kb("VmRSS")
+    reset_ok = reset_peak_rss()
+    hwm_before = proc_status_kb("VmHWM")
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         result = run()
         run_times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    peak_extra_mb = (_status_kb("VmHWM") - (rss0 if reset_ok else hwm_before)) / 1024
+    peak_extra_mb = (proc_status_kb("VmHWM") - (rss0 if reset_ok else hwm_before)) / 1024
     return {
         "kind": kind,
         "n_img": n_img,

@@ -25,24 +25,7 @@ import subprocess
 import sys
 import time
 
-from rcit_bench.utils import keep_freed_memory, machine_header
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+from rcit_bench.utils import keep_freed_memory, machine_header, proc_status_kb, reset_peak_rss
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -76,9 +59,9 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         fn(regions[:2], words[:3], lengths[:3])
     n_cap = args.n_cap if args.mode in ("chunked", "full") else min(args.n_cap, args.loop_captions)
-    rss0 = _status_kb("VmRSS")
-    reset_ok = _reset_peak()
-    hwm0 = _status_kb("VmHWM")
+    rss0 = proc_status_kb("VmRSS")
+    reset_ok = reset_peak_rss()
+    hwm0 = proc_status_kb("VmHWM")
     t0, c0 = time.perf_counter(), time.process_time()
     torch.set_grad_enabled(False)  # inference, as in evaluation
     if args.mode == "chunked":
@@ -92,7 +75,7 @@ def worker(args: argparse.Namespace) -> dict:
         for j in range(n_cap):
             scores[:, j : j + 1] = fn(regions, words[j : j + 1], lengths[j : j + 1])
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak_mb = (_status_kb("VmHWM") - (rss0 if reset_ok else hwm0)) / 1024
+    peak_mb = (proc_status_kb("VmHWM") - (rss0 if reset_ok else hwm0)) / 1024
     ci, ct = chunk_sizes(n_rows, args.n_cap, bpp, args.memory_budget_mb)
     r, l_max = (1, 1) if dual else (args.regions, args.words)
     out = {

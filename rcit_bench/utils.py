@@ -83,6 +83,29 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine() or "unknown cpu"
 
 
+def proc_status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM), -1 where there is none (not Linux): for the speed
+    scripts' memory figures."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (the peak resident memory) to the current RSS (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def machine_header(device: str = "cpu") -> str:
     """Two lines naming the machine and the command, which every benchmark table starts with."""
     import platform

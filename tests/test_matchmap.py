@@ -44,18 +44,6 @@ def test_similarity_matches_reference(mode: str) -> None:
     assert torch.allclose(sims, ref, atol=1e-5)
 
 
-def test_chunked_equals_unchunked() -> None:
-    model = tiny_model("matchmap")
-    images, tokens, lengths = caption_batch()
-    with torch.no_grad():
-        img, txt = model.encode_image(images), model.encode_text(tokens, lengths)
-        model.hparams.memory_budget_mb = 1e6
-        full = model.similarity(img, txt)
-        model.hparams.memory_budget_mb = 1e-4  # one pair per block
-        tiny = model.similarity(img, txt)
-    assert torch.equal(full, tiny)
-
-
 def test_bad_options_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"`sim_mode`.*Did you mean 'misa'"):
         tiny_model("matchmap", sim_mode="mysa")

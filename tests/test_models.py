@@ -292,3 +292,19 @@ def test_default_configs_build() -> None:
 def test_unknown_config_name() -> None:
     with pytest.raises(ValueError, match=r"Unknown method config 'vsep'.*Did you mean 'vsepp'"):
         load_method_config("vsep")
+
+
+@pytest.mark.parametrize("name", ["matchmap", "vsrpp"])
+def test_cross_attention_similarity_chunked_equals_unchunked(name: str) -> None:
+    """The memory budget only splits the work: one pair per block scores exactly as one block does."""
+    from conftest import caption_batch, tiny_model
+
+    model = tiny_model(name)
+    images, tokens, lengths = caption_batch()
+    with torch.no_grad():
+        img, txt = model.encode_image(images), model.encode_text(tokens, lengths)
+        model.hparams.memory_budget_mb = 1e6
+        full = model.similarity(img, txt)
+        model.hparams.memory_budget_mb = 1e-4  # one pair per block
+        tiny = model.similarity(img, txt)
+    assert torch.equal(full, tiny)

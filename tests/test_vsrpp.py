@@ -122,18 +122,6 @@ def test_fused_score_is_global_plus_mu_local(mu: float, branch: str) -> None:
     assert not torch.allclose(fused, s_g, atol=1e-3)
 
 
-def test_vsrpp_chunked_equals_unchunked() -> None:
-    model = tiny_model("vsrpp")
-    images, tokens, lengths = caption_batch()
-    with torch.no_grad():
-        img, txt = model.encode_image(images), model.encode_text(tokens, lengths)
-        model.hparams.memory_budget_mb = 1e6
-        full = model.similarity(img, txt)
-        model.hparams.memory_budget_mb = 1e-4  # one pair per block
-        tiny = model.similarity(img, txt)
-    assert torch.equal(full, tiny)
-
-
 def test_local_regions_raw_vs_reasoned() -> None:
     images, _, _ = caption_batch()
     raw = tiny_model("vsrpp", local_regions="raw")
