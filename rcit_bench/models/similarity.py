@@ -160,6 +160,19 @@ def _inplace_ok(*tensors: Tensor) -> bool:
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
+def _scan_inputs(regions: Tensor, words: Tensor, word_lengths: Tensor, agg: str,
+                 eps: float) -> tuple[Tensor, bool, Tensor, Tensor, Tensor, Tensor]:
+    """What both SCAN directions start from: the valid-word mask (M, L), whether intermediates may be written in
+    place, the l2-normalised regions v (N, R, D) and words e (M, L, D; padded words zeroed), the raw dots
+    s_ij = v_i . e_j (N, R, M, L) and their LeakyReLU(0.1)."""
+    check_choice("agg", agg, SCAN_AGGREGATIONS)
+    valid = _check_cross(regions, words, word_lengths)
+    v = l2norm(regions, eps=eps)
+    e = l2norm(words, eps=eps) * valid[:, :, None]
+    raw = _pair_dots(v, e)
+    return valid, _inplace_ok(regions, words), v, e, raw, F.leaky_relu(raw, 0.1)
+
+
 def scan_t2i(
     regions: Tensor,
     words: Tensor,
@@ -171,15 +184,9 @@ def scan_t2i(
 ) -> Tensor:
     """SCAN text-to-image score: each word attends over the regions. regions (N, R, D), words (M, L, D) padded,
     word_lengths (M,) -> (N, M). Padded words do not change the score. Features are l2-normalised inside."""
-    check_choice("agg", agg, SCAN_AGGREGATIONS)
-    valid = _check_cross(regions, words, word_lengths)  # (M, L)
-    inplace = _inplace_ok(regions, words)
+    valid, inplace, v, e, raw, s = _scan_inputs(regions, words, word_lengths, agg, eps)
     n, r, _ = regions.shape
     m, l_max, _ = words.shape
-    v = l2norm(regions, eps=eps)  # (N, R, D)
-    e = l2norm(words, eps=eps) * valid[:, :, None]  # (M, L, D), padded words zeroed
-    raw = _pair_dots(v, e)  # (N, R, M, L)  s_ij = v_i . e_j
-    s = F.leaky_relu(raw, 0.1)
     norm = torch.linalg.vector_norm(s, dim=3, keepdim=True) + eps  # over words; padded words are 0
     s = s.div_(norm).mul_(lambda1) if inplace else s / norm * lambda1  # (N, R, M, L) attention logits
     mx = s.amax(dim=1, keepdim=True)  # softmax over regions (dim 1), summed in a fixed order
@@ -209,15 +216,9 @@ def scan_i2t(
 ) -> Tensor:
     """SCAN image-to-text score: each region attends over the caption's valid words. regions (N, R, D),
     words (M, L, D) padded, word_lengths (M,) -> (N, M). Features are l2-normalised inside."""
-    check_choice("agg", agg, SCAN_AGGREGATIONS)
-    valid = _check_cross(regions, words, word_lengths)  # (M, L)
-    inplace = _inplace_ok(regions, words)
+    valid, inplace, v, e, raw, s = _scan_inputs(regions, words, word_lengths, agg, eps)
     n, r, _ = regions.shape
     m, l_max, _ = words.shape
-    v = l2norm(regions, eps=eps)  # (N, R, D)
-    e = l2norm(words, eps=eps) * valid[:, :, None]  # (M, L, D)
-    raw = _pair_dots(v, e)  # (N, R, M, L)
-    s = F.leaky_relu(raw, 0.1)
     # (N, 1, M, L) over regions, per word; 0 for padded words (all their s are 0), whose gradient must stay finite
     norm = (_sqrt(_seq_dot(s, s, 1), inplace) + eps).unsqueeze(1)
     s = s.div_(norm).mul_(lambda1) if inplace else s / norm * lambda1
