@@ -102,7 +102,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from rcit_bench.bench.leaderboard import build_leaderboard
 
-    out = build_leaderboard(args.spec, results_dir=args.results_dir, out_dir=args.out_dir)
+    out = build_leaderboard(args.spec, results_dir=args.results_dir, out_dir=args.out_dir,
+                            include_stale=args.include_stale)
     logging.info("leaderboard written to %s", out)
     return 0
 
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--results-dir", default="runs")
     p.add_argument("--out-dir", default=None, help="default: leaderboards/<spec name>")
+    p.add_argument("--include-stale", action="store_true",
+                   help="also show results of another configuration of an entry (marked; left out by default)")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("corrupt", help="write a grid of every corruption x severity applied to one image")

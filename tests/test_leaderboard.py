@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import copy
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -183,9 +186,59 @@ def test_leaderboard_numbers(names: None, tmp_path: Path) -> None:
     assert "](../lb.yaml)" in md  # link to the spec, relative to the leaderboard folder
 
 
-def test_empty_results_still_writes(names: None, tmp_path: Path) -> None:
+def test_no_results_is_an_error_and_the_old_board_stays(names: None, tmp_path: Path) -> None:
     sp = S.validate_spec(SPEC, tmp_path / "lb.yaml")
-    readme = build_leaderboard(sp, results_dir=tmp_path / "none", out_dir=tmp_path / "out")
-    md = readme.read_text()
-    assert re.search(r"\| base \| vsepp \| clean \| - \|", md)
-    assert (tmp_path / "out" / "results.csv").read_text().startswith("entry,method")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("the committed board")
+    with pytest.raises(ValueError, match=r"No result files of spec 'lb' under .*typo.lb: nothing to publish, and .*out "
+                                         r"was left as it is\. Check --results-dir"):
+        build_leaderboard(sp, results_dir=tmp_path / "typo", out_dir=out)
+    assert (out / "README.md").read_text() == "the committed board" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out"]
+
+
+def test_stale_results_are_left_out_or_marked(names: None, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Results of another configuration (the trainer budget changed) never appear as the spec's: they are left
+    out with a warning saying what differs, or shown marked with --include-stale."""
+    sp = S.validate_spec(SPEC, tmp_path / "lb.yaml")
+    write_results(tmp_path, sp)
+    changed = copy.deepcopy(SPEC)
+    changed["trainer"] = {**changed.get("trainer", {}), "max_epochs": 3}
+    sp3 = S.validate_spec(changed, tmp_path / "lb.yaml")
+    assert sp3.entry_hash("base") != sp.entry_hash("base")
+    rec = json.loads(R.cell_path(tmp_path, "lb", "aug", 0, "clean").read_text())  # 'aug' is re-made under the new spec
+    for path in (tmp_path / "lb" / "aug").rglob("*.json"):
+        r = json.loads(path.read_text())
+        r["entry_hash"] = sp3.entry_hash("aug")
+        path.write_text(json.dumps(r))
+    base_cfg = {"trainer": {"max_epochs": 1}}
+    for path in (tmp_path / "lb" / "base").rglob("*.json"):  # 'base' keeps the old files, with their config
+        r = json.loads(path.read_text())
+        r["config"] = base_cfg
+        path.write_text(json.dumps(r))
+    with caplog.at_level(logging.WARNING):
+        md = build_leaderboard(sp3, results_dir=tmp_path, out_dir=tmp_path / "out").read_text()
+    assert "left out" in caplog.text and "`base`:" in caplog.text and "trainer.max_epochs: 1 -> 3" in caplog.text
+    rows = table_rows(md, "## Main table")
+    assert rows["base"][3] == "-" and rows["aug"][3] != "-"  # base's old numbers are not shown as current
+    assert rec["metrics"]["rsum"] > 0
+    md = build_leaderboard(sp3, results_dir=tmp_path, out_dir=tmp_path / "out", include_stale=True).read_text()
+    assert "Includes" in md and "stale result file(s)" in md and "| base §" in md
+
+
+def test_a_failure_midway_leaves_the_old_board_whole(names: None, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    sp = S.validate_spec(SPEC, tmp_path / "lb.yaml")
+    write_results(tmp_path, sp)
+    first = build_leaderboard(sp, results_dir=tmp_path, out_dir=tmp_path / "out").read_text()
+    import rcit_bench.bench.leaderboard as LB
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk went away while plotting")
+
+    monkeypatch.setattr(LB, "plot_rate", broken)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        build_leaderboard(sp, results_dir=tmp_path, out_dir=tmp_path / "out")
+    assert (tmp_path / "out" / "README.md").read_text() == first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no half-built folder left

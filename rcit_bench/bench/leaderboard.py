@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from rcit_bench.bench.reference import REPORTED
 from rcit_bench.bench.results import ResultRow, iter_results
+from rcit_bench.errors import UserError
 from rcit_bench.bench.spec import Entry, Spec, cell_id, config_path, load_spec, method_class
 from rcit_bench.utils import atomic_write_bytes, atomic_write_text
 
@@ -78,10 +80,16 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 class Board:
     """Result rows of one spec grouped by entry and seed, with the summaries computed per seed."""
 
-    def __init__(self, spec: Spec, rows: list[ResultRow]):
+    def __init__(self, spec: Spec, rows: list[ResultRow], include_stale: bool = False):
         self.spec = spec
         valid_cells = {e.id: {c.id for c in spec.cells(e)} for e in spec.entries}
-        self.rows = [r for r in rows if r.entry in valid_cells and r.cell in valid_cells[r.entry]]
+        rows = [r for r in rows if r.entry in valid_cells and r.cell in valid_cells[r.entry]]
+        current = {e.id: spec.entry_hash(e.id) for e in spec.entries}
+        #: rows of another configuration of the entry (the spec or its config changed since they were made)
+        self.stale = [r for r in rows if r.record.get("entry_hash") != current[r.entry]]
+        self.include_stale = include_stale
+        self.rows = rows if include_stale else [r for r in rows if r.record.get("entry_hash") == current[r.entry]]
+        self.stale_entries = {r.entry for r in self.stale} if include_stale else set()
         self.ok: dict[str, dict[int, EntrySeed]] = defaultdict(dict)
         self.failed: dict[str, list[ResultRow]] = defaultdict(list)
         for r in self.rows:
@@ -483,7 +491,7 @@ def main_table(board: Board, rs: Resampler | None = None) -> str:
             text_rows.append([e.id, e.method, e.regime, f"**failed**: {reason}"] + ["-"] * (len(header) - 4))
             value_rows.append([None] * len(header))
             continue
-        texts = [e.id, e.method, e.regime]
+        texts = [e.id + (f" {STALE_MARK}" if e.id in board.stale_entries else ""), e.method, e.regime]
         vals: list[float | None] = [None, None, None]
         for key in RECALLS:
             v = board.cell_metric(e.id, "clean", key)
@@ -673,17 +681,85 @@ def _rel(target: Path, start: Path) -> str:
         return target.name
 
 
+STALE_MARK = "§"
+
+
+def stale_summary(spec: Spec, stale: list[ResultRow]) -> list[str]:
+    """One line per entry with stale results: how many, and what differs from the current configuration."""
+    from rcit_bench.bench.runner import composed_config, method_config
+
+    lines = []
+    by_entry: dict[str, list[ResultRow]] = defaultdict(list)
+    for r in stale:
+        by_entry[r.entry].append(r)
+    for eid, rows in by_entry.items():
+        entry = spec.entry(eid)
+        old = rows[0].record.get("config")
+        diffs: list[str] = []
+        if isinstance(old, dict):
+            diffs = config_diff(old, composed_config(spec, entry, rows[0].seed, method_config(spec, entry)))
+        what = ", ".join(diffs[:4]) + (f", ... ({len(diffs)} differences)" if len(diffs) > 4 else "") if diffs else \
+            "the entry hash differs (its method config file or the spec's dataset or trainer changed)"
+        lines.append(f"`{eid}`: {len(rows)} result file(s) of another configuration ({what})")
+    return lines
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key.path: old -> new`` for every leaf that differs between two nested configs (``(unset)`` for a key
+    only one side has)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) & set(new), key=str):
+            out += config_diff(old[k], new[k], f"{prefix}{k}.")
+        return out + [f"{prefix}{k}: {'(unset)' if k not in old else repr(old[k])} -> "
+                      f"{'(unset)' if k not in new else repr(new[k])}"
+                      for k in sorted(set(old) ^ set(new), key=str) if isinstance(old.get(k, new.get(k)), (str, int, float, bool))]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
 def build_leaderboard(spec_path: str | Path | Spec, results_dir: str | Path = "runs",
-                      out_dir: str | Path | None = None) -> Path:
+                      out_dir: str | Path | None = None, include_stale: bool = False) -> Path:
     """Write ``README.md``, ``results.csv`` and PNG plots for a spec into ``out_dir``
-    (default ``leaderboards/<spec name>``) from the result files under ``results_dir``. Returns the README path."""
+    (default ``leaderboards/<spec name>``) from the result files under ``results_dir``. Returns the README path.
+
+    Only results of the spec's current configuration are shown: results of another entry hash are left out
+    and counted in a warning saying what differs (``include_stale=True`` shows them, marked). With no result
+    to show, nothing is written (UserError). The board is built in a folder beside ``out_dir`` and swapped in
+    whole, so a failure midway leaves the previous board as it was."""
     spec = spec_path if isinstance(spec_path, Spec) else load_spec(spec_path)
     out = Path(out_dir) if out_dir is not None else Path("leaderboards") / spec.name
-    out.mkdir(parents=True, exist_ok=True)
-    rows = list(iter_results(results_dir, spec.name))
-    board = Board(spec, rows)
+    board = Board(spec, list(iter_results(results_dir, spec.name)), include_stale=include_stale)
+    searched = Path(results_dir) / spec.name
+    if board.stale and not include_stale:
+        log.warning("left out %d stale result file(s) of spec %r (another configuration than the spec's; rerun "
+                    "`rcit-bench bench` to update them, or pass --include-stale to show them marked):\n  %s",
+                    len(board.stale), spec.name, "\n  ".join(stale_summary(spec, board.stale)))
     if not board.rows:
-        log.warning("no result files for spec %r under %s: the leaderboard will be empty", spec.name, results_dir)
+        stale = f" ({len(board.stale)} stale result file(s) left out, see the warning)" if board.stale else ""
+        raise UserError(f"No result files of spec {spec.name!r} under {searched}{stale}: nothing to publish, and "
+                        f"{out} was left as it is. Check --results-dir, or run `rcit-bench bench {spec.name}` first.")
+    building = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    try:
+        _write_board(spec, board, building)
+        _swap_in(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    log.info("leaderboard for %s: %s", spec.name, out / "README.md")
+    return out / "README.md"
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace the folder `out` by `new` (two renames on one filesystem; the old board is removed last)."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_board(spec: Spec, board: Board, out: Path) -> None:
     ev = spec.evaluation
     md: list[str] = []
     md.append(f"<!-- generated by rcit-bench from {len(board.rows)} result files; do not edit: "
@@ -721,6 +797,10 @@ def build_leaderboard(spec_path: str | Path | Spec, results_dir: str | Path = "r
         "`dataset.options.corruption_scaling: published` applies the published constants instead.") + "\n")
     if note := corruption_source_note(board):
         md.append(note + "\n")
+    if board.stale_entries:
+        md.append(f"{STALE_MARK} **Includes {len(board.stale)} stale result file(s)** (built with "
+                  "`--include-stale`): they come from another configuration than this spec's, so they are not "
+                  "its results:\n\n" + "\n".join(f"- {line}" for line in stale_summary(spec, board.stale)) + "\n")
     md.append("## Main table\n")
     md.append(main_table(board, rs) + "\n")
     base = spec.baseline or "(none)"
@@ -819,7 +899,4 @@ def build_leaderboard(spec_path: str | Path | Spec, results_dir: str | Path = "r
         links.append(f"- `{e.id}` config: [{e.config}]({_rel(config_path(spec, e), out)})"
                      + (f", overrides `{e.overrides}`" if e.overrides else ""))
     md.append("\n".join(links) + "\n")
-    readme = out / "README.md"
-    atomic_write_text(readme, "\n".join(md))
-    log.info("leaderboard for %s: %s", spec.name, readme)
-    return readme
+    atomic_write_text(out / "README.md", "\n".join(md))
