@@ -182,9 +182,15 @@ def test_cli_launcher_submitit_runs_local_jobs(tmp_path: Path, spec_file: Path, 
     import rcit_bench.bench.runner as runner
     from rcit_bench.cli import main
 
+    import rcit_bench.bench.leaderboard as leaderboard
+
     monkeypatch.setattr(runner, "run_spec", fake_run_spec)
+    boards: list[tuple] = []  # the fake jobs write no result files: record the board call instead
+    monkeypatch.setattr(leaderboard, "build_leaderboard",
+                        lambda path, results_dir, out_dir: boards.append((results_dir, out_dir)) or Path(out_dir))
     monkeypatch.chdir(tmp_path)
     rc = main(["bench", str(spec_file), "--launcher", "submitit", "--cluster", "debug", "--gpus-per-job", "0",
                "--results-dir", str(tmp_path / "r"), "--leaderboard-dir", str(tmp_path / "board"), "--no-wandb"])
     assert rc == 0
     assert sorted(p.stem for p in (tmp_path / "r").glob("*.json")) == ENTRIES
+    assert [(str(r), str(o)) for r, o in boards] == [(str(tmp_path / "r"), str(tmp_path / "board"))]

@@ -118,5 +118,5 @@ def test_run_store_owns_its_folder(tmp_path: Path) -> None:
     assert store.begin("E1", False, lambda: next(ids))["trained"] is True  # same entry: kept
     assert store.resumable() is None  # unreadable last.ckpt: set aside, not resumed from
     assert (store.checkpoint_dir / "last.ckpt.corrupt").read_bytes() == b"not a checkpoint"
-    assert store.begin("E2", False, lambda: next(ids)) == {"entry_hash": "E2", "wandb_run_id": "run-a"}
+    assert store.begin("E2", False, lambda: next(ids)) == {"entry_hash": "E2", "wandb_run_id": "run-b"}
     assert not store.checkpoint_dir.exists()  # another configuration's checkpoints are gone

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 _BLOCK = 32768
 _HEADER = 7  # crc32 (4) + length (2) + type (1)
@@ -45,20 +46,48 @@ def _wandb_records(path: Path) -> Iterator[bytes]:
             buf = b""
 
 
-def read_offline_history(save_dir: str | Path, run_id: str) -> dict[str, Any]:
-    """Last logged value of every history key over all offline segments of run `run_id` under `save_dir`."""
+def offline_segments(save_dir: str | Path, run_id: str) -> list[Path]:
+    """Run files of every offline segment of run `run_id` under ``save_dir/wandb``, oldest first.
+
+    Each ``wandb.init`` writes a folder ``offline-run-<YYYYMMDD_HHMMSS>-<id>``; one started in the same second
+    as an earlier one gets ``-1``, ``-2``... after the id. Ordered by start time, then by that number.
+    """
+    prefix = "offline-run-"
+    found = []
+    for f in Path(save_dir).glob(f"wandb/{prefix}*/run-{run_id}.wandb"):
+        name = f.parent.name[len(prefix):]
+        stamp, _, rest = name.partition("-")
+        if rest == run_id:
+            n = 0
+        elif rest.startswith(run_id + "-") and rest[len(run_id) + 1:].isdigit():
+            n = int(rest[len(run_id) + 1:])
+        else:
+            continue
+        found.append(((stamp, n), f))
+    return [f for _, f in sorted(found)]
+
+
+def read_offline_rows(save_dir: str | Path, run_id: str) -> list[dict[str, Any]]:
+    """Every history row of run `run_id` (all its offline segments, in order): key -> value, ``_step`` included."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    files = sorted(Path(save_dir).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    files = offline_segments(save_dir, run_id)
     if not files:
         raise FileNotFoundError(f"No offline W&B run {run_id!r} under {save_dir}/wandb.")
-    out: dict[str, Any] = {}
+    rows = []
     for f in files:
         for raw in _wandb_records(f):
             rec = pb.Record()
             rec.ParseFromString(raw)
             if rec.WhichOneof("record_type") == "history":
-                for item in rec.history.item:
-                    key = item.key or "/".join(item.nested_key)
-                    out[key] = json.loads(item.value_json)
+                rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                             for item in rec.history.item})
+    return rows
+
+
+def read_offline_history(save_dir: str | Path, run_id: str) -> dict[str, Any]:
+    """Last logged value of every history key over all offline segments of run `run_id` under `save_dir`."""
+    out: dict[str, Any] = {}
+    for row in read_offline_rows(save_dir, run_id):
+        out.update(row)
     return out

@@ -29,8 +29,9 @@ from rcit_bench.bench.spec import (
     sha256_json,
 )
 from rcit_bench.bench.store import CheckpointError, RunStore, load_checkpoint
-from rcit_bench.bench.wandb_log import WandbRun, new_run_id
+from rcit_bench.bench.wandb_log import WandbRun
 from rcit_bench.data.datasets import dataset_info
+from rcit_bench.errors import UserError
 from rcit_bench.evaluation import CellEvaluation, CellEvaluator
 
 log = logging.getLogger(__name__)
@@ -413,13 +414,15 @@ def run_spec(
     only: str | Iterable[str] | None = None,
     leaderboard_dir: str | Path | None = None,
     build_board: bool = True,
+    wait_for_lock: bool = False,
 ) -> SweepSummary:
     """Train and evaluate every (entry, seed) of a spec, writing one result file per cell.
 
     results_dir: result files at ``results_dir/<spec>/<entry>/seed<k>/<cell>.json`` plus checkpoints and
       W&B runs (``results_dir/wandb``). force: retrain and re-evaluate everything. use_wandb: False means
       no W&B at all (else mode from WANDB_MODE, default offline). only: entry id(s) to run. leaderboard_dir:
-      default ``leaderboards/<spec name>``; build_board=False skips the leaderboard.
+      default ``leaderboards/<spec name>``; build_board=False skips the leaderboard. wait_for_lock: when another
+      live run writes an (entry, seed) this run needs, wait for it instead of stopping (see store.RunLock).
     """
     spec = spec_path if isinstance(spec_path, Spec) else load_spec(spec_path)
     only_ids = [only] if isinstance(only, str) else list(only or [])
@@ -431,10 +434,18 @@ def run_spec(
     progress = SweepProgress(summary.total_cells)
     log.info("spec %s (hash %s): %d entries x %d seeds, %d cells", spec.name, spec.hash[:12], len(entries),
              len(spec.seeds), summary.total_cells)
+    preflight(spec, entries)
     for seed in spec.seeds:
-        prepared = [p for e in entries
-                    if (p := _prepare(spec, e, seed, results_dir, force, use_wandb, progress, summary)) is not None]
-        _evaluate_grid(spec, prepared, seed, progress, summary)
+        prepared: list[_Prepared] = []
+        try:
+            for e in entries:
+                p = _prepare(spec, e, seed, results_dir, force, use_wandb, wait_for_lock, progress, summary)
+                if p is not None:
+                    prepared.append(p)
+            _evaluate_grid(spec, prepared, seed, progress, summary)
+        finally:  # one writer per (entry, seed): the next run may take over now
+            for p in prepared:
+                p.store.lock.release()
     summary.skipped = progress.skipped
     if build_board:
         from rcit_bench.bench.leaderboard import build_leaderboard
@@ -445,6 +456,54 @@ def run_spec(
     log.info("spec %s done: %d cells evaluated, %d skipped, %d failed in %s", spec.name, summary.evaluated,
              summary.skipped, summary.failed, _fmt_s(progress.elapsed))
     return summary
+
+
+def preflight(spec: Spec, entries: list[Entry]) -> None:
+    """Check everything that can be checked before the first entry trains, and report every problem at once:
+    each entry's composed config (overrides merged, model arguments the method accepts, datamodule arguments),
+    and every split of every dataset the entries use (loaded and validated, the first image of each decoded).
+    Nothing is trained and no model is allocated."""
+    from rcit_bench.data.datamodule import RetrievalDataModule
+
+    problems: list[str] = []
+    datamodules: dict[str, Any] = {}
+    for entry in entries:
+        try:
+            composed = composed_config(spec, entry, spec.seeds[0], method_config(spec, entry))
+            check_method_arguments(entry.method, composed)
+            dm = RetrievalDataModule(**composed["data"])
+            datamodules.setdefault(dm.test_data_key(), dm)
+        except (ValueError, TypeError, OSError) as err:
+            problems.append(f"entry `{entry.id}`: {err}")
+    for dm in datamodules.values():
+        where = Path(dm.root).resolve() if dm.info.root_is_path else dm.root
+        try:
+            counts = dm.check_data()
+            log.info("data: %s %s (%s)", dm.dataset, where, ", ".join(f"{k} {v} images" for k, v in counts.items()))
+        except (ValueError, OSError) as err:
+            problems.append(f"dataset {dm.dataset!r} at {where}: {err}")
+    if problems:
+        raise UserError(f"spec {spec.name!r} cannot run, nothing was trained:\n  - " + "\n  - ".join(problems))
+
+
+def check_method_arguments(method: str, config: dict[str, Any]) -> None:
+    """The model arguments of a composed config are all accepted by the method's constructor (checked on the
+    signatures, without building the model), with the accepted names and a "did you mean" otherwise."""
+    import inspect
+
+    from rcit_bench.models.registry import flatten_method_config, get_method_class
+    from rcit_bench.utils import did_you_mean
+
+    from rcit_bench.models.base import RetrievalModule
+
+    cls = get_method_class(method)
+    accepted = {name for c in cls.__mro__ if isinstance(c, type) and issubclass(c, RetrievalModule)
+                for name in inspect.signature(c.__init__).parameters} - {"self", "unused", "kwargs"}
+    given = {k: v for k, v in config.items() if k in ("model", "optim", "data")}
+    unknown = sorted(set(flatten_method_config(given)) - accepted - {"data_config"})
+    if unknown:
+        raise UserError(f"method {method!r} does not take {unknown} (from `model`/`optim` of its config or the "
+                        f"entry's overrides); it takes {sorted(accepted)}.{did_you_mean(unknown[0], sorted(accepted))}")
 
 
 @dataclass
@@ -470,19 +529,40 @@ class _Prepared:
 
 
 def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool, use_wandb: bool,
-             progress: SweepProgress, summary: SweepSummary) -> _Prepared | None:
-    """Train (or resume, or reuse) the model of (entry, seed) when it has pending cells. Divergence writes a
-    failed result file for every pending cell and returns None; the sweep goes on."""
+             wait_for_lock: bool, progress: SweepProgress, summary: SweepSummary) -> _Prepared | None:
+    """Lock the (entry, seed) folder and train (or resume, or reuse) its model when it has pending cells; the
+    returned entry holds the lock. Divergence writes a failed result file for every pending cell and returns
+    None (lock released); the sweep goes on."""
     where = f"{entry.id}/seed{seed}"
     store = RunStore.of(results_dir, spec.name, entry.id, seed)
     ehash = spec.entry_hash(entry.id)
     cells = spec.cells(entry)
-    pending = store.pending(cells, ehash, force)
+    if not store.pending(cells, ehash, force):
+        log.info("%s: all %d cells done, skipping", where, len(cells))
+        progress.skip(len(cells))
+        return None
+    store.lock.acquire(wait=wait_for_lock)
+    try:
+        prepared = _train_or_load(spec, entry, seed, store, results_dir, ehash, cells, force, use_wandb, progress,
+                                  summary)
+    except BaseException:
+        store.lock.release()
+        raise
+    if prepared is None:
+        store.lock.release()
+    return prepared
+
+
+def _train_or_load(spec: Spec, entry: Entry, seed: int, store: RunStore, results_dir: Path, ehash: str,
+                   cells: list[Cell], force: bool, use_wandb: bool, progress: SweepProgress,
+                   summary: SweepSummary) -> _Prepared | None:
+    where = f"{entry.id}/seed{seed}"
+    pending = store.pending(cells, ehash, force)  # again under the lock: another run may have finished some
     progress.skip(len(cells) - len(pending))
     if not pending:
-        log.info("%s: all %d cells done, skipping", where, len(cells))
+        log.info("%s: all %d cells done (by another run), skipping", where, len(cells))
         return None
-    state = store.begin(ehash, force, new_run_id)  # a changed entry or --force: its old checkpoints go
+    state = store.begin(ehash, force, lambda: wandb_run_id(spec.name, ehash, seed))  # a changed entry or --force: its old checkpoints go
     composed = composed_config(spec, entry, seed, method_config(spec, entry))
     config_hash = sha256_json(composed)
     store.write_config(composed)
@@ -507,7 +587,7 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
             progress.advance(where, cell.id, "failed")
         return None
     finally:
-        wb.finish()  # one active W&B run at a time; evaluation resumes it by id
+        wb.finish()  # ends the training phase; after a successful fit the run stays open for the evaluation
     model.to(_eval_device(composed["trainer"]))
     coco_1k = dataset_info(spec.dataset_kind).supports("coco_1k")
     prepared.evaluator = CellEvaluator(model, prepared.dm, seed, coco_1k=coco_1k)
@@ -532,6 +612,12 @@ def _trained_weights(model: Any, p: _Prepared, state: dict[str, Any], seed: int,
     p.store.save_state(state)
     load_weights(model, result.checkpoint)
     return result.checkpoint
+
+
+def wandb_run_id(spec_name: str, entry_hash: str, seed: int) -> str:
+    """The W&B run id of a trained model: derived from what identifies it (spec, entry configuration, seed), so a
+    rerun of the same code names the same run and the committed leaderboards do not change with random ids."""
+    return sha256_json({"spec": spec_name, "entry_hash": entry_hash, "seed": seed})[:16]
 
 
 def _wandb_run(spec: Spec, entry: Entry, seed: int, results_dir: Path, enabled: bool, run_id: str,

@@ -379,6 +379,19 @@ class RetrievalDataModule(L.LightningDataModule):
         self.prepare_data()
         return self.info.load(self.source, split)
 
+    def check_data(self) -> dict[str, int]:
+        """Load and validate every split (fields, paths, files present and non-empty; the first image of each
+        split decoded) before anything trains, so a broken test split fails in seconds, not after training.
+        Returns the images per split."""
+        counts = {}
+        for name in SPLITS:
+            cs = self.split(name)
+            if len(cs) == 0:
+                raise UserError(f"Split {name!r} of dataset={self.dataset!r} at {self.root} has no images.")
+            cs.load_image_uint8(0, self.image_size)
+            counts[name] = len(cs)
+        return counts
+
     def split(self, split: str) -> CaptionSplit:
         """The (limited) CaptionSplit of 'train' | 'val' | 'test', loaded once."""
         check_choice("split", split, SPLITS)

@@ -178,6 +178,9 @@ def load_karpathy(
                 f"Image file not found: {path} (from {where} of {json_path.name}). {_layout_hint(json_path, image_root)} "
                 f"Pass skip_unreadable=True to drop missing or broken images."
             )
+        if not skip_unreadable and path.stat().st_size == 0:  # same cost as is_file: one stat
+            raise UnreadableImageError(f"Image file {path} (from {where} of {json_path.name}) is empty (0 bytes). "
+                                       "Restore it, or pass skip_unreadable=True to drop broken images.")
         if skip_unreadable:
             try:
                 _open_rgb(path, str(path))
