@@ -32,7 +32,11 @@ def _load_image(source: str):
             )
         from PIL import Image
 
-        array = np.asarray(Image.open(path).convert("RGB"))
+        try:
+            with Image.open(path) as im:
+                array = np.array(im.convert("RGB"))  # a copy: writable, as torch wants
+        except Image.DecompressionBombError as err:  # over Pillow's own pixel limit: refused before decoding
+            raise UserError(f"Image '{source}' is too large to read ({err}).") from None
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     return torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float() / 255.0
@@ -42,11 +46,49 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
     from torchvision.utils import save_image
 
-    from rcit_bench.data.corruptions import corruption_grid
+    from rcit_bench.data.corruptions import (
+        GRID_MAX_PIXELS, GRID_MAX_SIDE, MAX_REFERENCE_SIDE, MIN_SIZE, REFERENCE_SIZE, corruption_grid,
+        reference_grid_size, short_side_size,
+    )
 
+    if args.size != 0 and not MIN_SIZE <= args.size <= GRID_MAX_SIDE:
+        raise UserError(f"--size must be 0 (keep the image's size) or the short side in px, from {MIN_SIZE} to "
+                        f"{GRID_MAX_SIDE}, but got {args.size}.")
+    if args.seed < 0:
+        raise UserError(f"--seed must be an integer >= 0, but got {args.seed}.")
     image = _load_image(args.image)
-    if args.size:
-        image = F.interpolate(image[None], size=(args.size, args.size), mode="bilinear", antialias=True)[0]
+    h, w = image.shape[-2:]
+    # the preview's budget (rcit_bench.data.corruptions.check_grid_budget), checked before anything is resized
+    # or corrupted, with what to pass instead
+    th, tw = short_side_size(h, w, args.size)
+    shown = f"image '{args.image}' ({w}x{h} px, width x height)"
+    rh, rw = reference_grid_size(th, tw)
+    if max(rh, rw) > MAX_REFERENCE_SIDE:
+        raise UserError(
+            f"{shown} is too elongated: snow, frost, fog, spatter and elastic_transform would build their random "
+            f"layers on a {rw}x{rh} px grid ({REFERENCE_SIZE} px short side), over the budget of {MAX_REFERENCE_SIDE} "
+            f"px on its long side, i.e. an aspect ratio of at most {MAX_REFERENCE_SIDE / REFERENCE_SIZE:.1f}:1; crop "
+            f"the image (--size keeps the aspect ratio, so it cannot help)."
+        )
+    made = f"--size {args.size} makes it {tw}x{th} px" if args.size else f"with --size 0 it stays {tw}x{th} px"
+    if min(th, tw) < MIN_SIZE:
+        raise UserError(f"{shown} is too small: {made}, and the corruptions need at least {MIN_SIZE} px on the "
+                        f"short side; pass --size {REFERENCE_SIZE}.")
+    if max(th, tw) > GRID_MAX_SIDE or th * tw > GRID_MAX_PIXELS:
+        short, long_ = min(h, w), max(h, w)
+        fit = min(GRID_MAX_SIDE * short // long_, int((GRID_MAX_PIXELS * short / long_) ** 0.5))
+        while fit > MIN_SIZE:
+            fh, fw = short_side_size(h, w, fit)
+            if max(fh, fw) <= GRID_MAX_SIDE and fh * fw <= GRID_MAX_PIXELS:
+                break
+            fit -= 1
+        raise UserError(
+            f"{shown} is too large for the preview: {made}, over its budget of at most {GRID_MAX_SIDE} px on the "
+            f"long side and {GRID_MAX_PIXELS:,} px in all (the grid holds a copy per corruption and severity); pass "
+            f"a smaller --size, at most {fit}."
+        )
+    if (th, tw) != (h, w):
+        image = F.interpolate(image[None], size=(th, tw), mode="bilinear", antialias=True)[0]
     grid = corruption_grid(image.clamp(0, 1), seed=args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +132,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         use_wandb=not args.no_wandb,
         only=args.only,
         leaderboard_dir=args.leaderboard_dir,
+        wait_for_lock=args.wait_for_lock,
     )
     if summary.failed:  # everything else was written; say where the reasons are, and fail the command
         where = summary.leaderboard.parent / "results.csv" if summary.leaderboard else summary.results_dir
@@ -140,11 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("bench", help="train the spec's entries and evaluate its grid; writes results and leaderboard")
-    p.add_argument("spec", help="benchmark spec YAML, e.g. benchmarks/quick.yaml")
+    p.add_argument("spec", help="benchmark spec YAML, e.g. benchmarks/quick.yaml, or a shipped spec's name. A "
+                                "relative `dataset.options.root` (or `json_path`) in it resolves against the current "
+                                "directory, not the spec's folder")
     p.add_argument("--results-dir", default="runs", help="where result files, checkpoints and W&B runs go")
     p.add_argument("--leaderboard-dir", default=None, help="default: leaderboards/<spec name>")
     p.add_argument("--force", action="store_true", help="redo finished cells and retrain")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases at all")
+    p.add_argument("--wait-for-lock", action="store_true",
+                   help="when another run writes an entry this one needs, wait for it (default: stop, naming it)")
     p.add_argument("--only", action="append", default=None, help="run only this entry id (repeatable)")
     g = p.add_argument_group("cluster (--launcher submitit: one SLURM job per entry, a job array)")
     g.add_argument("--launcher", choices=("local", "submitit"), default="local",
@@ -173,8 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("corrupt", help="write a grid of every corruption x severity applied to one image")
     p.add_argument("image", help=f"image file, or one of {', '.join(SAMPLE_IMAGES)} (photos shipped by scikit-image)")
     p.add_argument("--out", default="corruptions.png")
-    p.add_argument("--size", type=int, default=224, help="resize to SIZE x SIZE first (0 keeps the size)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=224,
+                   help="resize first so that the SHORT side is SIZE px, keeping the aspect ratio (default 224, the "
+                        "size the corruptions' constants are published for; 0 keeps the image's size). Refused "
+                        "before anything runs: a result over 4096 px on the long side or 4 Mpx (4,194,304 px), or "
+                        "an image more elongated than 9.1:1")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruptions' random numbers (>= 0)")
     p.set_defaults(func=cmd_corrupt)
 
     p = sub.add_parser("synthetic", help="generate (or reuse) the embedded synthetic dataset")

@@ -7,7 +7,6 @@ import math
 import copy
 import json
 import logging
-import re
 from pathlib import Path
 
 import pytest

@@ -92,3 +92,14 @@ def test_two_real_runs_on_one_results_dir(tmp_path: Path) -> None:
     results = sorted(p.name for p in (tmp_path / "runs" / "locks" / "e" / "seed0").glob("*.json"))
     assert results == ["clean.json", "ic-contrast-s1.json", "ic-contrast-s3.json", "state.json"]
     assert not lock.exists()
+
+
+def test_jobs_owning_disjoint_entries_never_meet(tmp_path: Path) -> None:
+    """SLURM array jobs of one spec each own their entries' folders: their locks are independent."""
+    a, b = RunLock(tmp_path / "spec" / "a" / "seed0"), RunLock(tmp_path / "spec" / "b" / "seed0")
+    a.acquire()
+    b.acquire()  # no wait, no error
+    assert a.held and b.held
+    a.release()
+    b.release()
+    assert not list(tmp_path.rglob(".lock"))

@@ -46,12 +46,22 @@ def _wandb_records(path: Path) -> Iterator[bytes]:
             buf = b""
 
 
+def flush() -> None:
+    """Wait until every finished run of this process is on disk: wandb writes run files from its own service
+    process, after `finish()` returns; `wandb.teardown()` waits for it (a later run starts a new service)."""
+    import sys
+
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+
+
 def offline_segments(save_dir: str | Path, run_id: str) -> list[Path]:
     """Run files of every offline segment of run `run_id` under ``save_dir/wandb``, oldest first.
 
     Each ``wandb.init`` writes a folder ``offline-run-<YYYYMMDD_HHMMSS>-<id>``; one started in the same second
     as an earlier one gets ``-1``, ``-2``... after the id. Ordered by start time, then by that number.
     """
+    flush()
     prefix = "offline-run-"
     found = []
     for f in Path(save_dir).glob(f"wandb/{prefix}*/run-{run_id}.wandb"):

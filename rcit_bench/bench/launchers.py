@@ -83,7 +83,7 @@ def spec_entry_ids(spec_path: str | os.PathLike) -> tuple[Path, list[str]]:
     """
     from rcit_bench.bench.spec import load_spec
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, check_devices=False)  # submitting needs no GPU here
     path = Path(spec.path if spec.path is not None else spec_path).resolve()
     return path, [e.id for e in spec.entries]
 

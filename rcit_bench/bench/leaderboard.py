@@ -724,7 +724,7 @@ def build_leaderboard(spec_path: str | Path | Spec, results_dir: str | Path = "r
     and counted in a warning saying what differs (``include_stale=True`` shows them, marked). With no result
     to show, nothing is written (UserError). The board is built in a folder beside ``out_dir`` and swapped in
     whole, so a failure midway leaves the previous board as it was."""
-    spec = spec_path if isinstance(spec_path, Spec) else load_spec(spec_path)
+    spec = spec_path if isinstance(spec_path, Spec) else load_spec(spec_path, check_devices=False)
     out = Path(out_dir) if out_dir is not None else Path("leaderboards") / spec.name
     board = Board(spec, list(iter_results(results_dir, spec.name)), include_stale=include_stale)
     searched = Path(results_dir) / spec.name

@@ -464,6 +464,7 @@ def preflight(spec: Spec, entries: list[Entry]) -> None:
     and every split of every dataset the entries use (loaded and validated, the first image of each decoded).
     Nothing is trained and no model is allocated."""
     from rcit_bench.data.datamodule import RetrievalDataModule
+    from rcit_bench.models.registry import check_encoder
 
     problems: list[str] = []
     datamodules: dict[str, Any] = {}
@@ -471,6 +472,9 @@ def preflight(spec: Spec, entries: list[Entry]) -> None:
         try:
             composed = composed_config(spec, entry, spec.seeds[0], method_config(spec, entry))
             check_method_arguments(entry.method, composed)
+            for arg in ("image_encoder", "text_encoder"):
+                if arg in composed["model"]:
+                    check_encoder(arg, composed["model"][arg])
             dm = RetrievalDataModule(**composed["data"])
             datamodules.setdefault(dm.test_data_key(), dm)
         except (ValueError, TypeError, OSError) as err:

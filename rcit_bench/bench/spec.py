@@ -412,12 +412,101 @@ def _datamodule_params() -> list[str] | None:
     return [n for n in params if n != "self"]
 
 
+#: Values of Lightning's ``precision`` argument (lightning 2.x; ints 16/32/64 and their strings also work).
+TRAINER_PRECISIONS = ("16-mixed", "bf16-mixed", "32-true", "64-true", "16-true", "bf16-true", "transformer-engine",
+                      "transformer-engine-float16", "16", "32", "64", "bf16", 16, 32, 64)
+#: Values of Lightning's ``accelerator`` argument a spec may give ('gpu' is Lightning's alias of 'cuda').
+TRAINER_ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+_DEVICES_RE = re.compile(r"^\s*(-1|\d+\s*(,\s*\d+\s*)*,?)\s*$")  # Lightning's string forms: '2', '0,1', '0,'
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _trainer_value_problem(key: str, v: Any) -> str | None:
+    """What is wrong with trainer argument `key` = `v` (the expected type and range), or None when it is fine."""
+    if key in ("max_epochs", "max_steps", "num_sanity_val_steps"):
+        if (v is None and key != "max_steps") or (_is_int(v) and v >= -1):
+            return None
+        return {"max_epochs": "an integer >= 0, or -1 for no epoch limit (then `max_steps` bounds training)",
+                "max_steps": "an integer >= 0, or -1 for no step limit (the default)",
+                "num_sanity_val_steps": "an integer >= 0, or -1 to check every validation batch"}[key]
+    if key in ("limit_train_batches", "limit_val_batches"):
+        if v is None or (_is_int(v) and v >= 0) or (isinstance(v, float) and 0.0 <= v <= 1.0):
+            return None
+        return "an integer >= 0 (a number of batches) or a fraction in [0.0, 1.0] (of the batches; 1.0 = all)"
+    if key == "accelerator":
+        if v in TRAINER_ACCELERATORS:
+            return None
+        return f"one of {_fmt(TRAINER_ACCELERATORS)}"
+    if key == "devices":
+        ok = (v == "auto" or (_is_int(v) and (v >= 1 or v == -1))
+              or (isinstance(v, str) and _DEVICES_RE.match(v) is not None and v.strip() != "0")
+              or (isinstance(v, list) and v and all(_is_int(d) and d >= 0 for d in v) and len(set(v)) == len(v)))
+        return None if ok else ("a number of devices >= 1, -1 (all), 'auto', or a list of distinct device indices "
+                                "such as [0, 1]")
+    if key == "precision":
+        if v is None or (isinstance(v, (str, int)) and not isinstance(v, bool) and v in TRAINER_PRECISIONS):
+            return None
+        return f"one of {_fmt(TRAINER_PRECISIONS)}"
+    if key == "gradient_clip_val":
+        if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+            return None
+        return "a number >= 0 (the gradient norm to clip to; 0 or null: no clipping)"
+    if key in ("accumulate_grad_batches", "log_every_n_steps", "check_val_every_n_epoch"):
+        if (v is None and key != "accumulate_grad_batches") or (_is_int(v) and v >= 1):
+            return None
+        return "an integer >= 1"
+    if key == "deterministic":
+        return None if v is None or isinstance(v, bool) or v == "warn" else "true, false or 'warn'"
+    if key == "enable_progress_bar":
+        return None if v is None or isinstance(v, bool) else "true or false"
+    return None
+
+
+def _check_trainer(where: str, value: Any, check_devices: bool = True) -> dict[str, Any]:
+    """A spec's trainer arguments (spec-level `trainer` or an entry's `overrides.trainer`): only the keys of
+    TRAINER_KEYS, each of the type and range Lightning accepts, so that a wrong value fails here and not as a
+    Lightning traceback after the data is prepared. With `check_devices`, an accelerator this machine does not
+    have (`gpu`/`cuda` without CUDA, `mps` without MPS) is refused too."""
+    trainer = _check_keys(value, where, TRAINER_KEYS)
+    for key, v in trainer.items():
+        problem = _trainer_value_problem(key, v)
+        if problem is not None:
+            named = {"accelerator": TRAINER_ACCELERATORS, "precision": TRAINER_PRECISIONS}.get(key, ())
+            hint = did_you_mean(str(v), [str(c) for c in named]) if isinstance(v, str) else ""
+            raise UserError(f"Spec key `{where}.{key}` must be {problem}, but got {v!r}.{hint}")
+    if check_devices and trainer.get("accelerator") in ("gpu", "cuda", "mps"):
+        _check_accelerator_available(f"{where}.accelerator", trainer["accelerator"])
+    return trainer
+
+
+def _check_accelerator_available(where: str, accelerator: str) -> None:
+    """Refuse an accelerator this machine does not have (torch is imported here only: the spec module is
+    torch-free)."""
+    import torch
+
+    if accelerator == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        if backend is None or not backend.is_available():
+            raise UserError(f"Spec key `{where}` is 'mps', but this machine has no MPS device (Apple GPU); "
+                             f"use 'cpu' or 'auto'.")
+        return
+    if not torch.cuda.is_available():
+        raise UserError(f"Spec key `{where}` is {accelerator!r}, but this machine has no CUDA GPU "
+                         f"(torch.cuda.is_available() is False); use 'cpu', or 'auto' to take a GPU where there is one.")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # public API
 
 
-def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
-    """Validate a parsed spec dict and return a :class:`Spec` (defaults filled in). Raises ValueError."""
+def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: bool = True) -> Spec:
+    """Validate a parsed spec dict and return a :class:`Spec` (defaults filled in). Raises ValueError.
+
+    check_devices: also refuse a trainer accelerator this machine lacks (``gpu`` without CUDA); pass False
+    where the spec is only read, not trained (building a leaderboard, submitting jobs from a login node)."""
     spec_dir = Path(path).resolve().parent if path is not None else None
     _check_keys(data, "", TOP_KEYS, required=("name", "dataset", "entries", "evaluation"))
     if "imports" in data:
@@ -444,7 +533,7 @@ def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
         _check_keys(options, "dataset.options", allowed)
 
     # trainer
-    trainer = dict(_check_keys(data.get("trainer") or {}, "trainer", TRAINER_KEYS))
+    trainer = dict(_check_trainer("trainer", data.get("trainer") or {}, check_devices))
     early = _validate_early_stopping(data.get("early_stopping", DEFAULT_EARLY_STOPPING))
 
     # entries
@@ -490,7 +579,7 @@ def validate_spec(data: Any, path: str | Path | None = None) -> Spec:
         for sec, val in overrides.items():
             if not isinstance(val, dict):
                 raise UserError(f"Spec key `{w}.overrides.{sec}` must be a mapping, but got {val!r}.")
-        _check_keys(overrides.get("trainer", {}), f"{w}.overrides.trainer", TRAINER_KEYS)
+        _check_trainer(f"{w}.overrides.trainer", overrides.get("trainer", {}), check_devices)
         entries.append(Entry(eid, method, config, regime, mix, None if frac is None else float(frac),
                              copy.deepcopy(overrides), str(e.get("description", ""))))
 
@@ -603,8 +692,9 @@ def _validate_evaluation(ev: Any, dataset_kind: str) -> dict[str, Any]:
     return out
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a spec YAML file. Also accepts a shipped spec name ('quick', 'smoke', ...)."""
+def load_spec(path: str | Path, *, check_devices: bool = True) -> Spec:
+    """Read and validate a spec YAML file. Also accepts a shipped spec name ('quick', 'smoke', ...).
+    check_devices: as in :func:`validate_spec`."""
     p = Path(path)
     if not p.exists() and not p.suffix:
         shipped = shipped_specs()
@@ -617,9 +707,40 @@ def load_spec(path: str | Path) -> Spec:
             )
     if not p.is_file():
         raise FileNotFoundError(f"Spec file {str(path)!r} not found.")
-    with open(p, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
-    return validate_spec(data, p)
+    data = _read_spec_file(p, str(path) if p == Path(path) else str(p))
+    return validate_spec(data, p, check_devices=check_devices)
+
+
+def _read_spec_file(p: Path, shown: str) -> dict[str, Any]:
+    """The mapping a spec file holds; a UserError (one line, the file named as `shown`) when the file is not
+    UTF-8, not YAML (with the line and column, 1-based), empty, or holds a list or a scalar instead."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"Spec file {shown!r} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        context_mark = getattr(err, "context_mark", None)
+        if context and context_mark is not None and context_mark is not mark:
+            problem += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+        elif context:
+            problem += f" ({context})"
+        problem = " ".join(str(problem).split())  # one line
+        raise UserError(f"Spec file {shown!r} is not valid YAML{where}: {problem}; fix the YAML syntax there "
+                        f"(indentation, a ':' or quote).") from None
+    if data is None:
+        raise UserError(f"Spec file {shown!r} is empty; a spec is a YAML mapping with the keys name, dataset, "
+                        f"entries and evaluation (see benchmarks/smoke.yaml).")
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"a single {type(data).__name__} value ({data!r:.40})"
+        raise UserError(f"Spec file {shown!r} holds {kind}, not a mapping; a spec is a YAML mapping with the keys "
+                        f"name, dataset, entries and evaluation (see benchmarks/smoke.yaml).")
+    return data
 
 
 def shipped_specs() -> dict[str, Path]:

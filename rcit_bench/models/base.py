@@ -43,18 +43,31 @@ import torch
 from torch import Tensor, nn
 
 from rcit_bench.errors import UserError
-from rcit_bench.models.registry import build_image_encoder, build_text_encoder
+from rcit_bench.utils import did_you_mean
+from rcit_bench.models.registry import SET_BY_METHOD, build_image_encoder, build_text_encoder
 
 __all__ = ["RetrievalModule", "encoder_config"]
 
 
 def encoder_config(cfg: str | dict[str, Any], arg: str) -> tuple[str, dict[str, Any]]:
-    """``'gru'`` or ``{'name': 'gru', **kwargs}`` -> (name, kwargs)."""
+    """``'gru'`` or ``{'name': 'gru', **kwargs}`` -> (name, kwargs). The kwargs may not set what the method
+    passes the builder itself (``SET_BY_METHOD``: ``embed_dim``, and the text encoder's ``vocab_size``)."""
     if isinstance(cfg, str):
         return cfg, {}
     if isinstance(cfg, dict) and "name" in cfg:
         kw = dict(cfg)
-        return str(kw.pop("name")), kw
+        name = str(kw.pop("name"))
+        for key in SET_BY_METHOD.get(arg, ()):
+            if key in kw:
+                raise UserError(f"Argument `{arg}`: {key!r} is set by the method (its own `{key}` argument), not in "
+                                 f"the encoder mapping; move it out of `{arg}` into the model's arguments.")
+        return name, kw
+    if isinstance(cfg, dict):
+        keys = ", ".join(repr(k) for k in cfg) or "no keys"
+        typo = next((k for k in cfg if did_you_mean(str(k), ["name"])), None)
+        hint = f" Did you mean 'name' instead of {typo!r}?" if typo is not None else ""
+        raise UserError(f"Argument `{arg}` must be a name or a mapping with a `name` key (the encoder), but got a "
+                         f"mapping with {keys}.{hint}")
     raise UserError(f"Argument `{arg}` must be a name or a mapping with a `name` key, but got {cfg!r}.")
 
 

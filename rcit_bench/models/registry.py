@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -81,7 +82,7 @@ def _ensure_encoders() -> None:
 
 def _unknown(kind: str, arg: str, name: str, choices: list[str], hint: str = "") -> ValueError:
     listed = ", ".join(f"'{c}'" for c in choices) or "(none registered)"
-    return ValueError(
+    return UserError(
         f"Unknown {kind} {name!r} for argument `{arg}`; registered: {listed}.{did_you_mean(name, choices)}{hint}"
     )
 
@@ -238,6 +239,49 @@ def list_text_encoders() -> list[str]:
     return sorted(_TEXT_ENCODERS)
 
 
+#: Encoder builder arguments the method passes itself (from its own arguments), so an encoder mapping may not.
+SET_BY_METHOD: dict[str, tuple[str, ...]] = {"image_encoder": ("embed_dim",), "text_encoder": ("embed_dim", "vocab_size")}
+
+
+def check_encoder_arguments(arg: str, name: str, builder: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Every keyword in `kwargs` is a parameter of the registered `builder` of encoder `name`, checked on its
+    signature before it is called (a TypeError raised inside a builder stays a TypeError: that is a bug).
+    Otherwise a UserError naming the argument (``image_encoder`` / ``text_encoder``), the bad key, the keys the
+    encoder takes and a "did you mean". A builder taking ``**kwargs`` accepts anything."""
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # no signature to read (a C callable): let the call decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [n for n, p in params.items()
+             if n != "spec" and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [k for k in kwargs if k not in takes]
+    if unknown:
+        shown = [n for n in takes if n not in SET_BY_METHOD.get(arg, ())]
+        listed = ", ".join(f"'{n}'" for n in shown) or "no keys besides `name`"
+        raise UserError(
+            f"Argument `{arg}`: encoder {name!r} does not take {', '.join(repr(k) for k in unknown)}; it takes "
+            f"`name` and {listed}.{did_you_mean(str(unknown[0]), ['name', *shown])}"
+        )
+
+
+def check_encoder(arg: str, cfg: Any) -> None:
+    """What building encoder config `cfg` (``'gru'`` or ``{name: ..., **kwargs}``) for argument `arg`
+    (``image_encoder`` / ``text_encoder``) would refuse, checked without building it: the mapping, the
+    registered name and the keyword arguments. A UserError naming them, e.g. for a check before training."""
+    from rcit_bench.models.base import encoder_config
+
+    _ensure_encoders()
+    name, kwargs = encoder_config(cfg, arg)
+    family, _ = _split_name(name)
+    registry = _IMAGE_ENCODERS if arg == "image_encoder" else _TEXT_ENCODERS
+    if family not in registry:
+        kind = "image encoder" if arg == "image_encoder" else "text encoder"
+        raise _unknown(kind, arg, name, sorted(registry))
+    check_encoder_arguments(arg, name, registry[family], kwargs)
+
+
 def _split_name(name: str) -> tuple[str, str | None]:
     family, sep, spec = str(name).partition(":")
     return family, (spec if sep else None)
@@ -250,6 +294,7 @@ def build_image_encoder(name: str, **kwargs: Any) -> Any:
     if family not in _IMAGE_ENCODERS:
         raise _unknown("image encoder", "image_encoder", name, sorted(_IMAGE_ENCODERS),
                        " Use 'timm:<timm model name>' for any timm backbone.")
+    check_encoder_arguments("image_encoder", name, _IMAGE_ENCODERS[family], kwargs)
     return _IMAGE_ENCODERS[family](spec, **kwargs)
 
 
@@ -260,4 +305,5 @@ def build_text_encoder(name: str, **kwargs: Any) -> Any:
     if family not in _TEXT_ENCODERS:
         raise _unknown("text encoder", "text_encoder", name, sorted(_TEXT_ENCODERS),
                        " Use 'transformer:<local path or hub name>' for a Hugging Face model.")
+    check_encoder_arguments("text_encoder", name, _TEXT_ENCODERS[family], kwargs)
     return _TEXT_ENCODERS[family](spec, **kwargs)

@@ -84,13 +84,15 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from rcit_bench.errors import UserError
 from rcit_bench.utils import did_you_mean
 
 # the built-in families, imported explicitly: a missing one is an ImportError, never skipped. This order is
 # the registration order, which orders the names within a suite (the tuples below equal the published order:
 # checked against literals in the tests), so keep it.
 from . import noise, blur, weather, digital, pixel_noise_rate  # noqa: F401  # isort: skip
-from .ops import _SCALING, MIN_SIZE, REFERENCE_SIZE, SCALINGS, _generators, _to_gray
+from . import ops as _ops
+from .ops import _SCALING, MAX_REFERENCE_SIDE, MIN_SIZE, REFERENCE_SIZE, SCALINGS, _generators, _to_gray
 from .pixel_noise_rate import SPECKLE_RATE_SIGMA
 from .registry import (
     CorruptionInfo,
@@ -111,6 +113,12 @@ __all__ = [
     "SCALINGS",
     "REFERENCE_SIZE",
     "MIN_SIZE",
+    "MAX_REFERENCE_SIDE",
+    "GRID_MAX_SIDE",
+    "GRID_MAX_PIXELS",
+    "reference_grid_size",
+    "short_side_size",
+    "check_grid_budget",
     "CorruptionInfo",
     "corrupt",
     "list_corruptions",
@@ -140,6 +148,12 @@ CORRUPTION_FAMILIES: dict[str, str] = {
     for n in sorted(list_corruptions(), key=lambda n: _FAMILY_ORDER.index(corruption_info(n).family))
 }
 
+
+#: Budget of `corruption_grid` (the `rcit-bench corrupt` preview) for the image itself: at most this long side
+#: (px) and this many pixels (4 Mpx, e.g. 2048 x 2048; a full-HD frame fits). The grid holds 19 x 6 = 114 tiles,
+#: so 4 Mpx already make a ~0.48 Gpx grid, ~5.7 GB as float32: the most a preview should cost.
+GRID_MAX_SIDE = 4096
+GRID_MAX_PIXELS = 4 * 1024 * 1024
 
 # ----------------------------------------------------------------------------------------------------------
 # public API
@@ -203,11 +217,13 @@ def corruption_grid(
 
     image: (C, H, W) in [0, 1]. Returns (C, R*H + (R-1)*padding, K*W + (K-1)*padding) with R = the number of
     severity-mode corruptions (19 built in), K = 1 + len(severities) columns; gutters are white. scaling: as
-    in `corrupt`. Used by the `rcit-bench corrupt` CLI preview.
+    in `corrupt`. Used by the `rcit-bench corrupt` CLI preview. An image over the preview's budget
+    (`check_grid_budget`: too elongated, or too large) is refused with a UserError before any corruption runs.
     """
     if image.dim() != 3:
         raise ValueError(f"Argument `image` must be a (C, H, W) tensor, but got shape {tuple(image.shape)}.")
     _check_scaling(scaling)
+    check_grid_budget(*image.shape[-2:], scaling=scaling)
     for s in severities:
         check_level("gaussian_noise", s, None)
     names = _names(mode="severity")
@@ -223,6 +239,47 @@ def corruption_grid(
             y, x0 = r * (h + padding), k * (w + padding)
             grid[:, y:y + h, x0:x0 + w] = tile
     return grid
+
+
+def short_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(H, W) of an h x w image resized so that its short side is `size` px, aspect ratio kept (0: unchanged):
+    how `rcit-bench corrupt --size` resizes."""
+    if not size:
+        return int(h), int(w)
+    if h <= w:
+        return int(size), max(1, round(w * size / h))
+    return max(1, round(h * size / w)), int(size)
+
+
+def reference_grid_size(h: int, w: int, scaling: str = "image") -> tuple[int, int]:
+    """(H, W) of the grid the random layers of snow, frost, fog, spatter and elastic_transform are generated
+    on, for an h x w image: short side 224 in 'image' scaling (``(h / scale, w / scale)``, scale =
+    min(h, w) / 224), the image's own size in 'published' scaling. The same numbers as the corruptions use."""
+    _check_scaling(scaling)
+    if scaling == "published":
+        return int(h), int(w)
+    s = min(h, w) / _ops.REFERENCE_SIZE
+    return max(1, round(h / s)), max(1, round(w / s))
+
+
+def check_grid_budget(h: int, w: int, scaling: str = "image") -> None:
+    """Refuse (UserError naming the image size) an h x w image that `corruption_grid` cannot preview within
+    its budget, before any corruption runs: a reference grid longer than MAX_REFERENCE_SIDE (an image more
+    elongated than ~9.1:1 in 'image' scaling), or an image over GRID_MAX_SIDE px or GRID_MAX_PIXELS."""
+    rh, rw = reference_grid_size(h, w, scaling)
+    if max(rh, rw) > MAX_REFERENCE_SIDE:
+        raise UserError(
+            f"Argument `image` of {w}x{h} px (width x height) is too elongated for the corruption grid: the random "
+            f"layers of snow, frost, fog, spatter and elastic_transform would be built on a {rw}x{rh} px grid, over "
+            f"the budget of {MAX_REFERENCE_SIDE} px on its long side (in 'image' scaling an aspect ratio of at most "
+            f"{MAX_REFERENCE_SIDE / _ops.REFERENCE_SIZE:.1f}:1); crop the image."
+        )
+    if max(h, w) > GRID_MAX_SIDE or h * w > GRID_MAX_PIXELS:
+        raise UserError(
+            f"Argument `image` of {w}x{h} px (width x height) is too large for the corruption grid (a tile per "
+            f"corruption and severity): the budget is {GRID_MAX_SIDE} px on the long side and {GRID_MAX_PIXELS:,} px "
+            f"in all; resize it first."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------

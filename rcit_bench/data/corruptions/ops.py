@@ -23,6 +23,13 @@ from rcit_bench.utils import stable_hash
 
 REFERENCE_SIZE = 224  # the published constants are for 224 px images
 MIN_SIZE = 8
+#: Budget of the reference grid (`_ref_size`) in `corruption_grid` and the `rcit-bench corrupt` preview: its
+#: long side in px. In 'image' scaling the grid's short side is 224, so this caps the aspect ratio at
+#: 2048 / 224 ~ 9.1:1. Why: fog builds its plasma fractal, and the procedural frost its texture bank, as a
+#: square power of two >= the grid's long side (work and memory grow with the square of the long side: a
+#: 10000 x 10 image would need a 262144^2 fractal, terabytes). At 2048 px a 224 x 2048 image peaks at ~0.7 GB
+#: with ImageNet-C's frost photographs and ~3.2 GB with the procedural frost (4x that at 4096 px).
+MAX_REFERENCE_SIDE = 2048
 #: how spatial constants meet the image size: 'image' (scaled by min(H, W) / 224), 'published' (as published)
 SCALINGS: tuple[str, ...] = ("image", "published")
 # the scaling of the `corrupt` call in progress; a ContextVar (not a module global) so that threads calling
