@@ -91,3 +91,17 @@ def test_every_entry_is_checked_before_the_first_trains(karpathy_copy: Path, tmp
     assert "entry `second`: method 'vsepp' does not take ['embed_dimm', 'learning_rate']" in msg
     assert "Did you mean 'embed_dim'" in msg and "entry `first`" not in msg
     assert trained == [] and not (tmp_path / "runs").exists()
+
+
+def test_the_run_logs_the_absolute_data_path(karpathy_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A relative root resolves against the current directory; the run says which folder that is."""
+    import logging
+
+    monkeypatch.chdir(karpathy_copy)
+    spec = _spec(Path("."), karpathy_copy / JSON_NAME)
+    assert spec.dataset_options["root"] == "images"  # relative, as a user writes it
+    with caplog.at_level(logging.INFO, logger="rcit_bench.bench.runner"):
+        runner.preflight(spec, spec.entries)
+    assert f"data: karpathy {(karpathy_copy / 'images').resolve()} (train 16 images, val 8 images, test 8 images)" \
+        in caplog.text
