@@ -4,6 +4,8 @@ entry, seed) and the board holds no wall times, so nothing in it changes between
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,14 @@ def test_committed_smoke_board_is_reproduced(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)  # the spec's data root is relative: generated here, as in a fresh clone
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_ENTITY", raising=False)
-    summary = run_spec(ROOT / "benchmarks" / "smoke.yaml", results_dir="runs", use_wandb=True,
-                       leaderboard_dir=tmp_path / "board")
-    assert summary.failed == 0
+    board = COMMITTED.parent / f".smoke-check-{os.getpid()}"  # beside it: the same relative links
+    try:
+        summary = run_spec(ROOT / "benchmarks" / "smoke.yaml", results_dir="runs", use_wandb=True,
+                           leaderboard_dir=board)
+        assert summary.failed == 0
+        shutil.copytree(board, tmp_path / "board")
+    finally:
+        shutil.rmtree(board, ignore_errors=True)
     made = sorted(p.name for p in (tmp_path / "board").iterdir())
     assert made == sorted(p.name for p in COMMITTED.iterdir())
     for name in made:
