@@ -34,8 +34,9 @@ bench-smoke: $(VENV)/.installed ## A tiny end-to-end run of the whole pipeline (
 leaderboard: $(VENV)/.installed ## Rebuild leaderboards from result files, without training
 	$(VENV)/bin/rcit-bench leaderboard $(SPEC)
 
-preview: $(VENV)/.installed ## Write a grid of every corruption x severity on a real photo to corruptions.png
-	$(VENV)/bin/rcit-bench corrupt astronaut --out corruptions.png
+preview: $(VENV)/.installed ## Write a labelled grid of every corruption x severity on a real photo to corruptions.jpg
+	$(VENV)/bin/rcit-bench corrupt astronaut --out corruptions.jpg
+	@wc -c < corruptions.jpg | awk '{printf "corruptions.jpg: %d bytes\n", $$1}'
 
 speed: $(VENV)/.installed ## Run the speed scripts in benchmarks/ (corruptions, metrics, similarity, training, grid cost)
 	$(PY) benchmarks/corruption_speed.py

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from rcit_bench.bench.store import CheckpointError
@@ -44,18 +46,22 @@ def _load_image(source: str):
 
 def cmd_corrupt(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
-    from torchvision.utils import save_image
 
     from rcit_bench.data.corruptions import (
-        GRID_MAX_PIXELS, GRID_MAX_SIDE, MAX_REFERENCE_SIDE, MIN_SIZE, REFERENCE_SIZE, corruption_grid,
+        GRID_MAX_PIXELS, GRID_MAX_SIDE, GRID_MAX_TOTAL_PIXELS, MAX_REFERENCE_SIDE, MIN_SIZE, REFERENCE_SIZE,
         reference_grid_size, short_side_size,
     )
+    from rcit_bench.data.corruptions import preview
 
     if args.size != 0 and not MIN_SIZE <= args.size <= GRID_MAX_SIDE:
         raise UserError(f"--size must be 0 (keep the image's size) or the short side in px, from {MIN_SIZE} to "
                         f"{GRID_MAX_SIDE}, but got {args.size}.")
     if args.seed < 0:
         raise UserError(f"--seed must be an integer >= 0, but got {args.seed}.")
+    preview.output_format(args.out)
+    plan = preview.plan_preview(preview.parse_only(args.only), preview.parse_severities(args.severities),
+                                preview.parse_rates(args.rates))
+    tiles = plan.tiles
     image = _load_image(args.image)
     h, w = image.shape[-2:]
     # the preview's budget (rcit_bench.data.corruptions.check_grid_budget), checked before anything is resized
@@ -74,26 +80,33 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
     if min(th, tw) < MIN_SIZE:
         raise UserError(f"{shown} is too small: {made}, and the corruptions need at least {MIN_SIZE} px on the "
                         f"short side; pass --size {REFERENCE_SIZE}.")
-    if max(th, tw) > GRID_MAX_SIDE or th * tw > GRID_MAX_PIXELS:
+    per_image = max(th, tw) > GRID_MAX_SIDE or th * tw > GRID_MAX_PIXELS
+    if per_image or tiles * th * tw > GRID_MAX_TOTAL_PIXELS:  # the latter: more tiles than the full built-in grid
         short, long_ = min(h, w), max(h, w)
-        fit = min(GRID_MAX_SIDE * short // long_, int((GRID_MAX_PIXELS * short / long_) ** 0.5))
+        pixels = min(GRID_MAX_PIXELS, GRID_MAX_TOTAL_PIXELS // tiles)
+        fit = min(GRID_MAX_SIDE * short // long_, int((pixels * short / long_) ** 0.5))
         while fit > MIN_SIZE:
             fh, fw = short_side_size(h, w, fit)
-            if max(fh, fw) <= GRID_MAX_SIDE and fh * fw <= GRID_MAX_PIXELS:
+            if max(fh, fw) <= GRID_MAX_SIDE and fh * fw <= pixels:
                 break
             fit -= 1
+        if per_image:
+            raise UserError(
+                f"{shown} is too large for the preview: {made}, over its budget of at most {GRID_MAX_SIDE} px on "
+                f"the long side and {GRID_MAX_PIXELS:,} px in all (the grid holds a copy per corruption and "
+                f"severity); pass a smaller --size, at most {fit}."
+            )
         raise UserError(
-            f"{shown} is too large for the preview: {made}, over its budget of at most {GRID_MAX_SIDE} px on the "
-            f"long side and {GRID_MAX_PIXELS:,} px in all (the grid holds a copy per corruption and severity); pass "
-            f"a smaller --size, at most {fit}."
+            f"{shown} is too large for a preview of {tiles} tiles: {made}, {tiles * th * tw:,} px in all, over its "
+            f"budget of {GRID_MAX_TOTAL_PIXELS:,} px (the full built-in grid of 114 tiles at {GRID_MAX_PIXELS:,} "
+            f"px); pass a smaller --size, at most {fit}, or fewer rows/columns (--only, --severities, --rates)."
         )
+    preview.check_output(args.out, plan, th, tw)
     if (th, tw) != (h, w):
         image = F.interpolate(image[None], size=(th, tw), mode="bilinear", antialias=True)[0]
-    grid = corruption_grid(image.clamp(0, 1), seed=args.seed)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, out)
-    logging.info("wrote %s (%dx%d px)", out, grid.shape[-1], grid.shape[-2])
+    mosaic = preview.preview_mosaic(image.clamp(0, 1), plan, seed=args.seed)
+    size = preview.save_preview(mosaic, args.out)
+    logging.info("wrote %s (%dx%d px, %.1f MB)", args.out, mosaic.width, mosaic.height, size / 1e6)
     return 0
 
 
@@ -133,6 +146,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         only=args.only,
         leaderboard_dir=args.leaderboard_dir,
         wait_for_lock=args.wait_for_lock,
+        estimate=not args.no_estimate,
     )
     if summary.failed:  # everything else was written; say where the reasons are, and fail the command
         where = summary.leaderboard.parent / "results.csv" if summary.leaderboard else summary.results_dir
@@ -142,12 +156,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Predicted wall time of a spec on this machine, by entry and phase, before anything trains."""
+    from rcit_bench.bench.costs import format_plan, load_unit_costs, measure_unit_costs, plan_sweep, save_unit_costs
+    from rcit_bench.bench.runner import preflight
+    from rcit_bench.bench.spec import load_spec
+
+    spec = load_spec(args.spec)
+    entries = [spec.entry(e) for e in args.only] if args.only else list(spec.entries)
+    preflight(spec, entries)
+    costs = None if args.measure else load_unit_costs(args.results_dir, spec, entries)
+    if costs is None:
+        logging.info("measuring unit costs on this machine (a short fit and one cell of each kind per entry)...")
+        costs = measure_unit_costs(spec, entries, seed=spec.seeds[0], use_wandb=not args.no_wandb,
+                                   progress=logging.debug)
+        save_unit_costs(args.results_dir, spec, costs)
+    plan = plan_sweep(spec, entries, costs)
+    sys.stdout.write(f"estimate for spec {spec.name!r} ({len(entries)} entries x {len(spec.seeds)} seeds, "
+                     f"{sum(p.cells for p in plan.entries)} cells), from scratch:\n{format_plan(spec, plan)}\n")
+    return 0
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from rcit_bench.bench.leaderboard import build_leaderboard
 
     out = build_leaderboard(args.spec, results_dir=args.results_dir, out_dir=args.out_dir,
                             include_stale=args.include_stale)
     logging.info("leaderboard written to %s", out)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rcit_bench.bench.spec import load_spec
+    from rcit_bench.bench.status import format_status, sweep_status
+
+    spec = load_spec(args.spec, check_devices=False)  # read, not trained: a login node without a GPU may ask
+    sys.stdout.write(format_status(sweep_status(spec, args.results_dir), spec.name, args.results_dir))
     return 0
 
 
@@ -193,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-lock", action="store_true",
                    help="when another run writes an entry this one needs, wait for it (default: stop, naming it)")
     p.add_argument("--only", action="append", default=None, help="run only this entry id (repeatable)")
+    p.add_argument("--no-estimate", action="store_true",
+                   help="do not read or measure unit costs before training: no plan, and an ETA from this run's own "
+                        "means only")
     g = p.add_argument_group("cluster (--launcher submitit: one SLURM job per entry, a job array)")
     g.add_argument("--launcher", choices=("local", "submitit"), default="local",
                    help="local (default): run here; submitit: submit through submitit")
@@ -209,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wait", action="store_true", help="wait for all jobs, then build the leaderboard")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("estimate", help="predict a spec's wall time on this machine, by entry and phase, before "
+                                        "anything trains")
+    p.add_argument("spec")
+    p.add_argument("--results-dir", default="runs", help="where the unit-cost cache of the last run is "
+                                                         "(RESULTS_DIR/<spec>/unit_costs.json)")
+    p.add_argument("--measure", action="store_true", help="measure the unit costs now even when a cache matches")
+    p.add_argument("--only", action="append", default=None, help="only this entry id (repeatable)")
+    p.add_argument("--no-wandb", action="store_true", help="the run will not log to W&B (its cost is left out)")
+    p.set_defaults(func=cmd_estimate)
+
     p = sub.add_parser("leaderboard", help="rebuild a spec's leaderboard from its result files (no training)")
     p.add_argument("spec")
     p.add_argument("--results-dir", default="runs")
@@ -217,9 +274,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also show results of another configuration of an entry (marked; left out by default)")
     p.set_defaults(func=cmd_leaderboard)
 
-    p = sub.add_parser("corrupt", help="write a grid of every corruption x severity applied to one image")
+    p = sub.add_parser("status", help="where a sweep stands: per entry and seed, trained or not, cells done / "
+                                      "pending / failed (reads only files; safe while it runs)")
+    p.add_argument("spec")
+    p.add_argument("--results-dir", default="runs")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("corrupt", help="write a labelled grid of every corruption x severity applied to one image")
     p.add_argument("image", help=f"image file, or one of {', '.join(SAMPLE_IMAGES)} (photos shipped by scikit-image)")
-    p.add_argument("--out", default="corruptions.png")
+    p.add_argument("--out", default="corruptions.png",
+                   help="the mosaic; its suffix sets the format: .png (optimised PNG) or .jpg / .jpeg (JPEG, quality "
+                        "90, several times smaller)")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help="show only these corruptions (repeatable, or comma separated; `rcit-bench list` names them). "
+                        "Default: every severity-mode corruption, plus the noise-rate ones when --rates is given")
+    p.add_argument("--severities", metavar="LIST",
+                   help="severities of the severity-mode rows, comma separated, each 1..5 (default 1,2,3,4,5)")
+    p.add_argument("--rates", metavar="LIST",
+                   help="noise rates (fractions of pixels, each in (0, 1]) of the noise-rate rows (speckle, "
+                        "salt_pepper), comma separated; adds those rows unless --only picks the rows (default 0.6 "
+                        "for a noise-rate row --only picks)")
     p.add_argument("--size", type=int, default=224,
                    help="resize first so that the SHORT side is SIZE px, keeping the aspect ratio (default 224, the "
                         "size the corruptions' constants are published for; 0 keeps the image's size). Refused "
@@ -247,12 +321,29 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError, CheckpointError)
 
 
+def quiet_console(verbose: bool) -> None:
+    """Each fact once: third-party deprecation warnings, Lightning's start-up notes ('GPU available', tips) and
+    W&B's banners are hidden unless -v. Only the command line does this: as a library, rcit-bench leaves warnings
+    and logging to its user."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    for name in ("lightning.pytorch", "lightning.fabric"):  # they print through their own handler already
+        logging.getLogger(name).propagate = False
+        if not verbose:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if verbose:
+        return
+    os.environ.setdefault("WANDB_SILENT", "true")
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(?!rcit_bench)")
+    # Lightning's advice that suits other setups than this suite's (it picks its own loaders and logging)
+    for text in (r".*does not have many workers", r".*`log_every_n_steps`", r".*LeafSpec"):
+        warnings.filterwarnings("ignore", message=text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # batched CPU work page-faults its buffers in again on every call otherwise
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    for name in ("lightning.pytorch", "lightning.fabric"):  # they print through their own handler already
-        logging.getLogger(name).propagate = False
+    quiet_console(args.verbose)
     try:
         return args.func(args)
     except USER_ERRORS as err:  # the user's mistake; its message says what to do (the traceback with -v)

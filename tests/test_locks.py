@@ -88,7 +88,7 @@ def test_two_real_runs_on_one_results_dir(tmp_path: Path) -> None:
     assert b.returncode == 2 and f"is being written by another run (pid {a.pid}" in b.stderr
     assert "Traceback" not in b.stderr and "training" not in b.stderr
     assert c.returncode == 0, c_err[-2000:]
-    assert "0 cells evaluated, 3 skipped" in c_err  # waited, then everything was done
+    assert "0 cells evaluated, 3 already done" in c_err  # waited, then everything was done
     results = sorted(p.name for p in (tmp_path / "runs" / "locks" / "e" / "seed0").glob("*.json"))
     assert results == ["clean.json", "ic-contrast-s1.json", "ic-contrast-s3.json", "state.json"]
     assert not lock.exists()

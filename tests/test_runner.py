@@ -32,7 +32,7 @@ class Fakes:
         fakes = self
 
         def fake_train(model: Any, dm: Any, store: Any, seed: int, trainer_kw: dict, wb: Any,
-                       early_stopping: Any = None) -> RN.TrainResult:
+                       early_stopping: Any = None, progress: Any = None) -> RN.TrainResult:
             rd = store.folder
             entry = rd.parent.name
             fakes.trained.append(entry)
@@ -111,18 +111,20 @@ def test_divergence_writes_failed_results_and_continues(monkeypatch: pytest.Monk
                                                         caplog: pytest.LogCaptureFixture) -> None:
     spec = load_spec(SMOKE)
     f = Fakes(monkeypatch, diverge=("vsepp_clean",))
-    with caplog.at_level(logging.INFO, logger="rcit_bench.bench.runner"):
+    with caplog.at_level(logging.INFO, logger="rcit_bench"):
         s = RN.run_spec(spec, results_dir=tmp_path, use_wandb=False, build_board=False)
     assert f.trained == ["vsepp_clean", "rcit"]  # the sweep went on after the divergence
     assert [e for e, _ in f.evaluated] == ["rcit"] * len(spec.cells("rcit"))
     assert s.failed == len(spec.cells("vsepp_clean"))
     rec = json.loads(R.cell_path(tmp_path, "smoke", "vsepp_clean", 0, "clean").read_text())
     assert rec["status"] == "failed" and rec["reason"].startswith("training diverged: Loss became nan")
-    # progress lines over the whole sweep
-    lines = [r.getMessage() for r in caplog.records if "cells]" in r.getMessage()]
-    total = s.total_cells
-    assert lines[0].startswith(f"[1/{total} cells] vsepp_clean/seed0") and lines[-1].startswith(f"[{total}/{total} cells]")
-    assert "ETA" in lines[-1]
+    # progress lines over the whole sweep: the divergence once, then the evaluation of the other entry
+    lines = [r.getMessage() for r in caplog.records if r.name == "rcit_bench.bench.progress"]
+    n_rcit = len(spec.cells("rcit"))
+    assert sum("training diverged" in line for line in lines) == 1
+    assert any(line.startswith(f"vsepp_clean/seed0: training diverged: Loss became nan") and
+               f"its {len(spec.cells('vsepp_clean'))} cells are recorded as failed" in line for line in lines)
+    assert lines[-1].startswith(f"evaluated {n_rcit}/{n_rcit} results") and "| ETA 0s" in lines[-1]
     # failed cells are retried on the next run (training is attempted again)
     f2 = Fakes(monkeypatch)
     RN.run_spec(spec, results_dir=tmp_path, use_wandb=False, build_board=False)
@@ -145,18 +147,6 @@ def test_config_precedence() -> None:
     assert clean["train_corruption"] == "clean" and "corruption_mix" not in clean
     tkw = RN.trainer_kwargs(spec, entry, cfg)
     assert tkw["max_epochs"] == 1 and tkw["limit_train_batches"] == 4  # spec trainer beats config (8 epochs)
-
-
-def test_progress_eta() -> None:
-    p = RN.SweepProgress(10)
-    p.skip(4)
-    assert p.eta() is None  # skipped cells say nothing about speed
-    p.start -= 30.0
-    p.advance("e/seed0", "clean", "ok")
-    p.advance("e/seed0", "fog", "ok")
-    eta = p.eta()
-    assert eta is not None and abs(eta - 15.0 * 4) < 1.0  # 30 s for 2 cells, 4 cells left
-    assert RN._fmt_s(3725) == "1h02m05s" and RN._fmt_s(65) == "1m05s"
 
 
 def test_unknown_only_entry(tmp_path: Path) -> None:

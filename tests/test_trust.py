@@ -214,7 +214,7 @@ def test_bench_exits_nonzero_when_a_cell_failed(monkeypatch: pytest.MonkeyPatch,
         return inner(self, cell, images)
 
     monkeypatch.setattr(RN.CellEvaluator, "__call__", failing)
-    rc = cli.main(["bench", str(SMOKE), "--results-dir", str(tmp_path / "runs"), "--no-wandb",
+    rc = cli.main(["bench", str(SMOKE), "--results-dir", str(tmp_path / "runs"), "--no-wandb", "--no-estimate",
                    "--leaderboard-dir", str(tmp_path / "board")])
     err = capsys.readouterr().err
     assert rc == 1 and "2 cell(s) failed" in err.splitlines()[-1] and "results.csv" in err.splitlines()[-1]

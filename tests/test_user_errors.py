@@ -276,11 +276,13 @@ def test_corrupt_refuses_elongated_images_before_any_work(tmp_path: Path, capsys
                                                           monkeypatch: pytest.MonkeyPatch, width: int, height: int,
                                                           args: list[str], grid: str) -> None:
     import rcit_bench.data.corruptions as C
+    from rcit_bench.data.corruptions import preview
 
     def must_not_run(*a: Any, **k: Any) -> None:
         raise AssertionError("corruption_grid ran")
 
     monkeypatch.setattr(C, "corruption_grid", must_not_run)
+    monkeypatch.setattr(preview, "corruption_grid", must_not_run)  # what the preview calls
     image = _image(tmp_path, width, height)
     msg = _one_line_error(capsys, _corrupt(tmp_path, image, *args), "corrupt")
     assert msg == (f"image '{image}' ({width}x{height} px, width x height) is too elongated: snow, frost, fog, spatter "
@@ -307,9 +309,11 @@ def test_corrupt_refuses_a_too_small_image(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_corrupt_size_sets_the_short_side_and_keeps_the_aspect_ratio(tmp_path: Path) -> None:
-    assert _corrupt(tmp_path, _image(tmp_path, 40, 20), "--size", "12") == 0
-    with Image.open(tmp_path / "grid.png") as grid:  # tiles of 24 x 12 px: 6 columns, 19 rows, 2 px gutters
-        assert grid.size == (6 * 24 + 5 * 2, 19 * 12 + 18 * 2)
+    from rcit_bench.data.corruptions.preview import plan_preview, preview_size
+
+    assert _corrupt(tmp_path, _image(tmp_path, 40, 20), "--size", "60") == 0
+    with Image.open(tmp_path / "grid.png") as grid:  # tiles of 120 x 60 px (6 columns, 19 rows) and the labels
+        assert grid.size == preview_size(plan_preview(), 60, 120) != preview_size(plan_preview(), 120, 60)
 
 
 def test_corruption_grid_refuses_over_budget_images() -> None:

@@ -744,7 +744,7 @@ def build_leaderboard(spec_path: str | Path | Spec, results_dir: str | Path = "r
         _swap_in(building, out)
     finally:
         shutil.rmtree(building, ignore_errors=True)
-    log.info("leaderboard for %s: %s", spec.name, out / "README.md")
+    log.debug("leaderboard for %s: %s", spec.name, out / "README.md")
     return out / "README.md"
 
 

@@ -10,7 +10,9 @@ killed at any point and rerun: finished cells are skipped, a trained model is no
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from typing import Any, Iterable
 
 
 from rcit_bench.bench import results as R
+from rcit_bench.bench.costs import fmt_s
+from rcit_bench.bench.progress import SweepProgress, progress_callback
 from rcit_bench.bench.spec import (
     Cell,
     Entry,
@@ -35,54 +39,6 @@ from rcit_bench.errors import UserError
 from rcit_bench.evaluation import CellEvaluation, CellEvaluator
 
 log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------------------------
-# progress over the whole sweep
-
-
-class SweepProgress:
-    """Sweep-level progress lines (cells done / total, current entry, ETA), printed via logging on top of
-    Lightning's own per-epoch bar. ETA = mean wall time per cell processed in this run (training time is
-    spread over that model's cells) x cells left."""
-
-    def __init__(self, total: int, logger: logging.Logger = log) -> None:
-        self.total = total
-        self.done = 0
-        self.skipped = 0
-        self.processed = 0
-        self.start = time.monotonic()
-        self.log = logger
-
-    def skip(self, n: int) -> None:
-        self.done += n
-        self.skipped += n
-
-    def advance(self, where: str, cell: str, status: str) -> None:
-        self.done += 1
-        self.processed += 1
-        self.log.info("[%d/%d cells] %s %s %s | elapsed %s | ETA %s", self.done, self.total, where, cell, status,
-                      _fmt_s(self.elapsed), self.eta_str())
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
-
-    def eta(self) -> float | None:
-        if self.processed == 0:
-            return None
-        return self.elapsed / self.processed * (self.total - self.done)
-
-    def eta_str(self) -> str:
-        eta = self.eta()
-        return "?" if eta is None else _fmt_s(eta)
-
-
-def _fmt_s(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
 
 @dataclass
 class SweepSummary:
@@ -331,7 +287,7 @@ def budget_record(meter: Any, trainer_kw: dict[str, Any], early: dict[str, Any] 
 
 
 def train(model: Any, dm: Any, store: RunStore, seed: int, trainer_kw: dict[str, Any], wb: WandbRun,
-          early_stopping: dict[str, Any] | None = None) -> TrainResult:
+          early_stopping: dict[str, Any] | None = None, progress: SweepProgress | None = None) -> TrainResult:
     """Fit with Lightning (resuming from the store's ``last.ckpt``, RNG states and budget counters included) until
     val RSUM has not improved for ``early_stopping['patience']`` validations or the trainer's maximum budget is
     spent; returns the best checkpoint (val/rsum, max) and the budget used."""
@@ -354,6 +310,9 @@ def train(model: Any, dm: Any, store: RunStore, seed: int, trainer_kw: dict[str,
                                 min_delta=float(early_stopping.get("min_delta", 0.0)), check_on_train_epoch_end=False)
         callbacks.append(stopper)
     kw = {"enable_model_summary": False, **trainer_kw}
+    if progress is not None:  # the sweep's display shows epoch and step; Lightning's own bar only when asked for
+        callbacks.append(progress_callback(progress))
+        kw.setdefault("enable_progress_bar", log.isEnabledFor(logging.DEBUG))
     trainer = L.Trainer(default_root_dir=str(store.folder), callbacks=callbacks, logger=wb.lightning_logger() or False,
                         **kw)
     trainer.fit(model, datamodule=dm, ckpt_path=store.resumable(), weights_only=True)
@@ -415,6 +374,8 @@ def run_spec(
     leaderboard_dir: str | Path | None = None,
     build_board: bool = True,
     wait_for_lock: bool = False,
+    estimate: bool = False,
+    live: bool | None = None,
 ) -> SweepSummary:
     """Train and evaluate every (entry, seed) of a spec, writing one result file per cell.
 
@@ -423,39 +384,108 @@ def run_spec(
       no W&B at all (else mode from WANDB_MODE, default offline). only: entry id(s) to run. leaderboard_dir:
       default ``leaderboards/<spec name>``; build_board=False skips the leaderboard. wait_for_lock: when another
       live run writes an (entry, seed) this run needs, wait for it instead of stopping (see store.RunLock).
+      estimate: before training, read the unit costs of the last run on this machine or measure them (a few
+      seconds an entry), print the plan with its predicted time, and base the ETA on it (see bench.costs).
+      live: a status line redrawn in place (default: when stderr is a terminal), else plain progress lines.
     """
+    from rcit_bench.bench.progress import LiveLine
+
     spec = spec_path if isinstance(spec_path, Spec) else load_spec(spec_path)
     only_ids = [only] if isinstance(only, str) else list(only or [])
     entries = [spec.entry(e) for e in only_ids] if only_ids else list(spec.entries)
     results_dir = Path(results_dir)
     summary = SweepSummary(spec.name, results_dir)
-    plan = [(e, s) for e in entries for s in spec.seeds]
-    summary.total_cells = sum(len(spec.cells(e)) for e, _ in plan)
-    progress = SweepProgress(summary.total_cells)
+    summary.total_cells = sum(len(spec.cells(e)) for e in entries) * len(spec.seeds)
     log.info("spec %s (hash %s): %d entries x %d seeds, %d cells", spec.name, spec.hash[:12], len(entries),
              len(spec.seeds), summary.total_cells)
+    t0 = time.monotonic()
     preflight(spec, entries)
-    for seed in spec.seeds:
-        prepared: list[_Prepared] = []
-        try:
+    if not wait_for_lock:  # a run that would stop at another run's lock stops now, before measuring anything
+        for seed in spec.seeds:
             for e in entries:
-                p = _prepare(spec, e, seed, results_dir, force, use_wandb, wait_for_lock, progress, summary)
-                if p is not None:
-                    prepared.append(p)
-            _evaluate_grid(spec, prepared, seed, progress, summary)
-        finally:  # one writer per (entry, seed): the next run may take over now
-            for p in prepared:
-                p.store.lock.release()
-    summary.skipped = progress.skipped
-    if build_board:
-        from rcit_bench.bench.leaderboard import build_leaderboard
+                store = RunStore.of(results_dir, spec.name, e.id, seed)
+                if store.pending(spec.cells(e), spec.entry_hash(e.id), force):
+                    store.lock.check()
+    costs, sweep_plan = _plan(spec, entries, results_dir, force, use_wandb) if estimate else (None, None)
+    live = sys.stderr.isatty() if live is None else live
+    display = LiveLine() if live else contextlib.nullcontext()
+    with display:
+        progress = SweepProgress(summary.total_cells, plan=sweep_plan, live=display if live else None,
+                                 trace=results_dir / spec.name / "progress.jsonl", start=t0)
+        progress.add_phase("checks and unit costs", time.monotonic() - t0)
+        progress.n_fits = progress.n_fits or len(entries) * len(spec.seeds)
+        for seed in spec.seeds:
+            prepared: list[_Prepared] = []
+            try:
+                for e in entries:
+                    p = _prepare(spec, e, seed, results_dir, force, use_wandb, wait_for_lock, progress, summary)
+                    if p is not None:
+                        prepared.append(p)
+                _evaluate_grid(spec, prepared, seed, progress, summary)
+            finally:  # one writer per (entry, seed): the next run may take over now
+                for p in prepared:
+                    p.store.lock.release()
+        summary.skipped = progress.skipped
+        if build_board:
+            from rcit_bench.bench.leaderboard import build_leaderboard
 
-        summary.leaderboard = build_leaderboard(spec, results_dir=results_dir, out_dir=leaderboard_dir)
-        if use_wandb:
-            _log_leaderboard(spec, results_dir, summary.leaderboard)
-    log.info("spec %s done: %d cells evaluated, %d skipped, %d failed in %s", spec.name, summary.evaluated,
-             summary.skipped, summary.failed, _fmt_s(progress.elapsed))
+            t = time.monotonic()
+            summary.leaderboard = build_leaderboard(spec, results_dir=results_dir, out_dir=leaderboard_dir)
+            if use_wandb:
+                _log_leaderboard(spec, results_dir, summary.leaderboard)
+            progress.add_phase("leaderboard", time.monotonic() - t)
+        progress.finished()
+    if costs is not None:
+        _save_measured_costs(spec, results_dir, costs, progress)
+    from rcit_bench.bench.progress import final_report
+
+    log.info("%s", final_report(spec, entries, results_dir, progress, summary))
     return summary
+
+
+def _plan(spec: Spec, entries: list[Entry], results_dir: Path, force: bool, use_wandb: bool) -> tuple[Any, Any]:
+    """The unit costs (the last run's on this machine, else measured now) and the plan of what this run will do:
+    its pending cells and the fits it needs; logged before anything trains."""
+    from rcit_bench.bench.costs import format_plan, load_unit_costs, measure_unit_costs, plan_sweep
+
+    costs = load_unit_costs(results_dir, spec, entries)
+    if costs is None:
+        log.info("measuring unit costs on this machine (a short fit and one cell of each kind per entry)...")
+        costs = measure_unit_costs(spec, entries, seed=spec.seeds[0], use_wandb=use_wandb)
+    pending, trained = {}, {}
+    for seed in spec.seeds:
+        for e in entries:
+            store = RunStore.of(results_dir, spec.name, e.id, seed)
+            ehash = spec.entry_hash(e.id)
+            pending[(e.id, seed)] = store.pending(spec.cells(e), ehash, force)
+            state = store.state()
+            trained[(e.id, seed)] = (not force and state.get("entry_hash") == ehash and bool(state.get("trained"))
+                                     and Path(str(state.get("best_checkpoint", ""))).is_file())
+    plan = plan_sweep(spec, entries, costs, pending=pending, trained=trained)
+    log.info("plan:\n%s", format_plan(spec, plan))
+    return costs, plan
+
+
+def _save_measured_costs(spec: Spec, results_dir: Path, costs: Any, progress: SweepProgress) -> None:
+    """Rewrite the unit-cost cache with what this run measured: each trained entry's own set-up, step and
+    validation times, the evaluation units scaled by measured / predicted, the leaderboard's time, so that the next
+    estimate is this run's."""
+    from dataclasses import replace
+
+    from rcit_bench.bench.costs import save_unit_costs
+
+    _, ev = progress.ratios()
+    entries = {}
+    for k, c in costs.entries.items():
+        fit = progress.fit_units.get(k)
+        if fit is not None:  # W&B and the fit's start-up are inside the measured set-up
+            c = replace(c, setup_s=fit["setup_s"], step_s=fit["step_s"], val_s=fit["val_s"] or c.val_s,
+                        fit_overhead_s=0.0, wandb_included=True)
+        entries[k] = replace(c, caption_s=c.caption_s * ev, image_cell_s=c.image_cell_s * ev,
+                             text_cell_s=c.text_cell_s * ev, pointing_s=c.pointing_s * ev)
+    cached = replace(costs, entries=entries, corrupt_s={k: v * ev for k, v in costs.corrupt_s.items()},
+                     leaderboard_s=progress.phases.get("leaderboard", costs.leaderboard_s))
+    save_unit_costs(results_dir, spec, cached)
 
 
 def preflight(spec: Spec, entries: list[Entry]) -> None:
@@ -542,8 +572,9 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
     ehash = spec.entry_hash(entry.id)
     cells = spec.cells(entry)
     if not store.pending(cells, ehash, force):
-        log.info("%s: all %d cells done, skipping", where, len(cells))
+        progress.message(f"{where}: all {len(cells)} cells done, skipping")
         progress.skip(len(cells))
+        progress.fit_not_needed(entry.id, seed)
         return None
     store.lock.acquire(wait=wait_for_lock)
     try:
@@ -564,8 +595,10 @@ def _train_or_load(spec: Spec, entry: Entry, seed: int, store: RunStore, results
     pending = store.pending(cells, ehash, force)  # again under the lock: another run may have finished some
     progress.skip(len(cells) - len(pending))
     if not pending:
-        log.info("%s: all %d cells done (by another run), skipping", where, len(cells))
+        progress.message(f"{where}: all {len(cells)} cells done (by another run), skipping")
+        progress.fit_not_needed(entry.id, seed)
         return None
+    progress.entry_started(entry.id, seed, f"{entry.method}, {entry.regime} regime")
     state = store.begin(ehash, force, lambda: wandb_run_id(spec.name, ehash, seed))  # a changed entry or --force: its old checkpoints go
     composed = composed_config(spec, entry, seed, method_config(spec, entry))
     config_hash = sha256_json(composed)
@@ -581,14 +614,14 @@ def _train_or_load(spec: Spec, entry: Entry, seed: int, store: RunStore, results
         prepared.dm = make_datamodule(composed["data"])
         _seed(seed)  # initial weights from the seed alone, not from what ran before in this process
         model = build_model(entry, composed, prepared.dm)
-        prepared.checkpoint = _trained_weights(model, prepared, state, seed, composed, spec, summary, where)
+        prepared.checkpoint = _trained_weights(model, prepared, state, seed, composed, spec, summary, progress)
     except FloatingPointError as err:  # training diverged: record it, keep sweeping
         reason = f"training diverged: {err}"
         log.error("%s: %s", where, reason)
         for cell in pending:
             store.write_cell(cell.id, prepared.record(cell, None, "failed", reason, {}, time.monotonic() - t0))
             summary.failed += 1
-            progress.advance(where, cell.id, "failed")
+        progress.cells_failed(len(pending), where, reason)
         return None
     finally:
         wb.finish()  # ends the training phase; after a successful fit the run stays open for the evaluation
@@ -600,22 +633,34 @@ def _train_or_load(spec: Spec, entry: Entry, seed: int, store: RunStore, results
 
 
 def _trained_weights(model: Any, p: _Prepared, state: dict[str, Any], seed: int, composed: dict[str, Any],
-                     spec: Spec, summary: SweepSummary, where: str) -> str:
+                     spec: Spec, summary: SweepSummary, progress: SweepProgress) -> str:
     """Load the best checkpoint of a finished training into `model`, or train (resuming) and load it; returns it."""
+    where = f"{p.entry.id}/seed{seed}"
     best = state.get("best_checkpoint") if state.get("trained") else None
     if best and Path(best).is_file():
         try:
             load_weights(model, best)
+            progress.fit_not_needed(p.entry.id, seed)
             return str(best)
         except CheckpointError as err:  # set aside; train() resumes from last.ckpt or starts over
             p.store.set_aside(Path(best), err)
-    log.info("%s: training %s (%s regime)", where, p.entry.method, p.entry.regime)
     summary.trained.append(where)
-    result = train(model, p.dm, p.store, seed, composed["trainer"], p.wb, early_stopping=spec.early_stopping)
+    result = train(model, p.dm, p.store, seed, composed["trainer"], p.wb, early_stopping=spec.early_stopping,
+                   progress=progress)
+    progress.fit_done(_fit_summary(result.training))
     state.update(trained=True, best_checkpoint=result.checkpoint, training=result.training)
     p.store.save_state(state)
     load_weights(model, result.checkpoint)
     return result.checkpoint
+
+
+def _fit_summary(training: dict[str, Any]) -> str:
+    """'best val RSUM 412.3 at epoch 7 of 8, stopped at the cap' from a fit's budget record."""
+    if training.get("best_val_rsum") is None:
+        return f"{training['epochs']} epoch(s), no validation"
+    stop = "stopped on a plateau" if training["stop"] == "plateau" else "stopped at the epoch cap"
+    return (f"best val RSUM {training['best_val_rsum']:.1f} at epoch {training['best_epoch']} of "
+            f"{training['epochs']}, {stop}")
 
 
 def wandb_run_id(spec_name: str, entry_hash: str, seed: int) -> str:
@@ -641,6 +686,8 @@ def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, progress: S
     order: list[Cell] = []
     for p in prepared:
         order += [c for c in p.pending if c not in order]
+    progress.evaluation_started(seed, sum(len(p.pending) for p in prepared))
+    first: set[str] = set()
     for cell in order:
         shared: dict[str, list[dict[str, Any]]] = {}  # test-data key -> image batches of this cell
         for p in prepared:
@@ -665,11 +712,14 @@ def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, progress: S
                 p.logged.append((cell.id, metrics or {}))
             else:
                 summary.failed += 1
-            progress.advance(where, cell.id, _short(status, metrics))
+            progress.cell_done(p.entry.id, seed, cell, status if status == "ok" else f"failed: {reason}",
+                               time.monotonic() - c0, first_of_entry=p.entry.id not in first)
+            first.add(p.entry.id)
     for p in prepared:  # result files are the record; W&B gets the same numbers, one run at a time
         for cell_id, metrics in p.logged:
             p.wb.log_cell(cell_id, metrics)
         p.wb.finish()
+    progress.evaluation_done()
 
 
 def _shared_images(cell: Cell, p: _Prepared, prepared: list[_Prepared],
@@ -685,13 +735,6 @@ def _shared_images(cell: Cell, p: _Prepared, prepared: list[_Prepared],
         shared[key] = list(p.dm.image_loader("test", corruption=cell.corruption, severity=cell.severity,
                                              rate=cell.rate))
     return shared[key]
-
-
-def _short(status: str, metrics: dict[str, float] | None) -> str:
-    if status != "ok" or not metrics:
-        return status
-    key = "rsum" if "rsum" in metrics else next(iter(metrics))
-    return f"{key} {metrics[key]:.1f}"
 
 
 def _log_leaderboard(spec: Spec, results_dir: Path, readme: Path) -> None:

@@ -123,15 +123,24 @@ class RunLock:
             if owner is None:
                 continue  # released between our two looks
             if not wait:
-                raise LockedError(
-                    f"{self.path.parent} is being written by another run ({self.describe(owner)}). Wait for it to "
-                    "finish (or rerun with --wait-for-lock), or stop it; a lock left by a killed run on this host is "
-                    f"taken over automatically, one from another host after {self.stale_after_s / 60:.0f} min "
-                    f"without refresh (delete {self.path} if you are sure no run uses the folder).")
+                raise LockedError(self._locked_message(owner))
             if not announced:
                 log.info("waiting for %s (held by %s)", self.path.parent, self.describe(owner))
                 announced = True
             time.sleep(poll_s)
+
+    def check(self) -> None:
+        """Raise LockedError when another live run holds the lock (without taking it): a run that would stop at
+        the lock stops before it spends time on anything else."""
+        owner = self.owner()
+        if owner is not None and not self.held and self.stale_reason(owner) is None:
+            raise LockedError(self._locked_message(owner))
+
+    def _locked_message(self, owner: dict[str, Any]) -> str:
+        return (f"{self.path.parent} is being written by another run ({self.describe(owner)}). Wait for it to "
+                "finish (or rerun with --wait-for-lock), or stop it; a lock left by a killed run on this host is "
+                f"taken over automatically, one from another host after {self.stale_after_s / 60:.0f} min "
+                f"without refresh (delete {self.path} if you are sure no run uses the folder).")
 
     def release(self) -> None:
         if self._token is None:

@@ -397,7 +397,7 @@ class RetrievalDataModule(L.LightningDataModule):
         check_choice("split", split, SPLITS)
         if split not in self._splits:
             self._splits[split] = self._load(split).head(self.limits[split])
-            log.info("loaded %r", self._splits[split])
+            log.debug("loaded %r", self._splits[split])
         return self._splits[split]
 
     def caption_to_image(self, split: str) -> torch.Tensor:

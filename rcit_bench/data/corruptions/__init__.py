@@ -116,6 +116,8 @@ __all__ = [
     "MAX_REFERENCE_SIDE",
     "GRID_MAX_SIDE",
     "GRID_MAX_PIXELS",
+    "GRID_MAX_TOTAL_PIXELS",
+    "GRID_RATES",
     "reference_grid_size",
     "short_side_size",
     "check_grid_budget",
@@ -154,6 +156,12 @@ CORRUPTION_FAMILIES: dict[str, str] = {
 #: so 4 Mpx already make a ~0.48 Gpx grid, ~5.7 GB as float32: the most a preview should cost.
 GRID_MAX_SIDE = 4096
 GRID_MAX_PIXELS = 4 * 1024 * 1024
+#: ... and for the grid as a whole (tiles x image pixels): that full built-in grid, 114 tiles at 4 Mpx. Fewer
+#: rows or columns never make an image refused; more (rate-mode rows, a user's corruptions) can.
+GRID_MAX_TOTAL_PIXELS = 114 * GRID_MAX_PIXELS
+#: the noise rates of a rate-mode row when none are given: the RCIT protocol's default
+#: (`evaluation.rcit_protocol.rates` of a spec)
+GRID_RATES: tuple[float, ...] = (0.6,)
 
 # ----------------------------------------------------------------------------------------------------------
 # public API
@@ -210,31 +218,39 @@ def _corrupt(images: Tensor, info: CorruptionInfo, level: int | float, seed: int
 
 
 def corruption_grid(
-    image: Tensor, severities: Sequence[int] = (1, 2, 3, 4, 5), *, seed: int = 0, padding: int = 2,
-    scaling: str = "image",
+    image: Tensor, severities: Sequence[int] = (1, 2, 3, 4, 5), *, names: Sequence[str] | None = None,
+    rates: Sequence[float] = GRID_RATES, seed: int = 0, padding: int = 2, scaling: str = "image",
 ) -> Tensor:
-    """Tile every severity-mode corruption (rows, in list_corruptions order) x (clean + severities) (columns).
+    """Tile corruptions (rows) x (clean + levels) (columns) of one image.
 
-    image: (C, H, W) in [0, 1]. Returns (C, R*H + (R-1)*padding, K*W + (K-1)*padding) with R = the number of
-    severity-mode corruptions (19 built in), K = 1 + len(severities) columns; gutters are white. scaling: as
-    in `corrupt`. Used by the `rcit-bench corrupt` CLI preview. An image over the preview's budget
-    (`check_grid_budget`: too elongated, or too large) is refused with a UserError before any corruption runs.
+    image: (C, H, W) in [0, 1]. names: default every severity-mode corruption (list_corruptions order; 19 built
+    in), else any registered names in the order given. A severity-mode row has a column per severity, a
+    rate-mode row one per rate (fraction of pixels), so a row may be shorter than the grid (white there).
+    Returns (C, R*H + (R-1)*padding, K*W + (K-1)*padding) with R = the number of rows, K = 1 + the most levels
+    of a row; gutters are white. scaling: as in `corrupt`. Used by the `rcit-bench corrupt` preview
+    (`preview.preview_mosaic` labels it). An image over the budget (`check_grid_budget`: too elongated, too
+    large, or too many tiles of it) is refused with a UserError before any corruption runs.
     """
     if image.dim() != 3:
         raise ValueError(f"Argument `image` must be a (C, H, W) tensor, but got shape {tuple(image.shape)}.")
     _check_scaling(scaling)
-    check_grid_budget(*image.shape[-2:], scaling=scaling)
-    for s in severities:
-        check_level("gaussian_noise", s, None)
-    names = _names(mode="severity")
+    names = _names(mode="severity") if names is None else tuple(names)
+    if not names:
+        raise ValueError("Argument `names` must name at least one corruption, but got none.")
+    levels = {n: ([{"severity": s} for s in severities] if corruption_info(n).mode == "severity"
+                  else [{"rate": r} for r in rates]) for n in names}
     c, h, w = image.shape
     rows = len(names)
-    cols = 1 + len(severities)
+    cols = 1 + max(len(v) for v in levels.values())
+    check_grid_budget(h, w, scaling=scaling, tiles=rows * cols)
+    for name in dict.fromkeys(names):  # every level checked before the first corruption runs
+        for kw in levels[name]:
+            check_level(name, **kw)
     grid = image.new_ones(c, rows * h + (rows - 1) * padding, cols * w + (cols - 1) * padding)
     batch = image.unsqueeze(0)  # (1, C, H, W)
     for r, name in enumerate(names):
-        tiles = [image] + [corrupt(batch, name, severity=s, seed=seed, image_ids=[0], scaling=scaling)[0]
-                          for s in severities]
+        tiles = [image] + [corrupt(batch, name, **kw, seed=seed, image_ids=[0], scaling=scaling)[0]
+                           for kw in levels[name]]
         for k, tile in enumerate(tiles):
             y, x0 = r * (h + padding), k * (w + padding)
             grid[:, y:y + h, x0:x0 + w] = tile
@@ -262,10 +278,11 @@ def reference_grid_size(h: int, w: int, scaling: str = "image") -> tuple[int, in
     return max(1, round(h / s)), max(1, round(w / s))
 
 
-def check_grid_budget(h: int, w: int, scaling: str = "image") -> None:
+def check_grid_budget(h: int, w: int, scaling: str = "image", tiles: int | None = None) -> None:
     """Refuse (UserError naming the image size) an h x w image that `corruption_grid` cannot preview within
     its budget, before any corruption runs: a reference grid longer than MAX_REFERENCE_SIDE (an image more
-    elongated than ~9.1:1 in 'image' scaling), or an image over GRID_MAX_SIDE px or GRID_MAX_PIXELS."""
+    elongated than ~9.1:1 in 'image' scaling), an image over GRID_MAX_SIDE px or GRID_MAX_PIXELS, or, given
+    the number of h x w tiles the grid holds, a grid over GRID_MAX_TOTAL_PIXELS."""
     rh, rw = reference_grid_size(h, w, scaling)
     if max(rh, rw) > MAX_REFERENCE_SIDE:
         raise UserError(
@@ -279,6 +296,12 @@ def check_grid_budget(h: int, w: int, scaling: str = "image") -> None:
             f"Argument `image` of {w}x{h} px (width x height) is too large for the corruption grid (a tile per "
             f"corruption and severity): the budget is {GRID_MAX_SIDE} px on the long side and {GRID_MAX_PIXELS:,} px "
             f"in all; resize it first."
+        )
+    if tiles is not None and tiles * h * w > GRID_MAX_TOTAL_PIXELS:
+        raise UserError(
+            f"Argument `image` of {w}x{h} px (width x height) is too large for a corruption grid of {tiles} tiles: "
+            f"{tiles * h * w:,} px in all, over the budget of {GRID_MAX_TOTAL_PIXELS:,} px (the full built-in grid "
+            f"of 114 tiles at {GRID_MAX_PIXELS:,} px); resize it or pick fewer corruptions or levels."
         )
 
 
