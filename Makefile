@@ -6,7 +6,7 @@ SPEC   ?= benchmarks/quick.yaml
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all bench bench-smoke leaderboard preview speed clean
+.PHONY: help install test test-all bench bench-smoke estimate status leaderboard preview speed clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -30,6 +30,12 @@ bench: $(VENV)/.installed ## Train every method, sweep the corruption grid, writ
 
 bench-smoke: $(VENV)/.installed ## A tiny end-to-end run of the whole pipeline (about a minute)
 	$(VENV)/bin/rcit-bench bench benchmarks/smoke.yaml
+
+estimate: $(VENV)/.installed ## Predict the wall time of SPEC (default the quick spec) on this machine, by entry and phase
+	$(VENV)/bin/rcit-bench estimate $(SPEC)
+
+status: $(VENV)/.installed ## What SPEC's results folder holds: trained entries, done / pending / failed cells
+	$(VENV)/bin/rcit-bench status $(SPEC)
 
 leaderboard: $(VENV)/.installed ## Rebuild leaderboards from result files, without training
 	$(VENV)/bin/rcit-bench leaderboard $(SPEC)
