@@ -158,19 +158,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Predicted wall time of a spec on this machine, by entry and phase, before anything trains."""
-    from rcit_bench.bench.costs import format_plan, load_unit_costs, measure_unit_costs, plan_sweep, save_unit_costs
+    from rcit_bench.bench.costs import format_plan, plan_sweep, unit_costs
     from rcit_bench.bench.runner import preflight
     from rcit_bench.bench.spec import load_spec
 
     spec = load_spec(args.spec)
     entries = [spec.entry(e) for e in args.only] if args.only else list(spec.entries)
     preflight(spec, entries)
-    costs = None if args.measure else load_unit_costs(args.results_dir, spec, entries)
-    if costs is None:
-        logging.info("measuring unit costs on this machine (a short fit and one cell of each kind per entry)...")
-        costs = measure_unit_costs(spec, entries, seed=spec.seeds[0], use_wandb=not args.no_wandb,
-                                   progress=logging.debug)
-        save_unit_costs(args.results_dir, spec, costs)
+    costs = unit_costs(spec, entries, args.results_dir, use_wandb=not args.no_wandb, measure=args.measure)
     plan = plan_sweep(spec, entries, costs)
     sys.stdout.write(f"estimate for spec {spec.name!r} ({len(entries)} entries x {len(spec.seeds)} seeds, "
                      f"{sum(p.cells for p in plan.entries)} cells), from scratch:\n{format_plan(spec, plan)}\n")

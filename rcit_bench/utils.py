@@ -8,7 +8,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from rcit_bench.errors import UserError
 
@@ -22,6 +22,18 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return " Did you mean 'x'?" for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def format_table(rows: Sequence[Sequence[str]], right: Iterable[int] = (), rule: bool = False) -> list[str]:
+    """Rows of strings as aligned plain-text lines (two spaces between columns; the columns in `right`
+    right-aligned, for numbers), with a dashed rule under the first row when `rule`."""
+    right = set(right)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
 
 
 def check_choice(arg: str, value: object, choices: Iterable[str]) -> None:

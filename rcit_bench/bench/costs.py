@@ -34,12 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rcit_bench.utils import atomic_write_text
+from rcit_bench.utils import atomic_write_text, format_table
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EntryCosts", "UnitCosts", "EntryPlan", "SweepPlan", "machine_key", "measure_unit_costs",
-           "load_unit_costs", "save_unit_costs", "plan_sweep", "format_plan", "train_batches_per_epoch"]
+           "load_unit_costs", "save_unit_costs", "unit_costs", "plan_sweep", "format_plan", "train_batches_per_epoch"]
 
 #: Training steps timed per entry after WARMUP_STEPS untimed ones (the first steps allocate and warm caches).
 TIMED_STEPS = 4
@@ -126,6 +126,18 @@ def load_unit_costs(results_dir: str | Path, spec: Any, entries: list[Any]) -> U
     return costs
 
 
+def unit_costs(spec: Any, entries: list[Any], results_dir: str | Path, use_wandb: bool = True,
+               measure: bool = False) -> UnitCosts:
+    """The unit costs of `entries`: the cached ones of the last run on this machine, else (or with `measure`)
+    measured now and cached."""
+    costs = None if measure else load_unit_costs(results_dir, spec, entries)
+    if costs is None:
+        log.info("measuring unit costs on this machine (a short fit and one cell of each kind per entry)...")
+        costs = measure_unit_costs(spec, entries, seed=spec.seeds[0], use_wandb=use_wandb, progress=log.debug)
+        save_unit_costs(results_dir, spec, costs)
+    return costs
+
+
 def save_unit_costs(results_dir: str | Path, spec: Any, costs: UnitCosts) -> Path:
     path = cache_path(results_dir, spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +166,7 @@ def epochs_and_steps(n_batches: int, trainer_kw: dict[str, Any]) -> tuple[int, i
     max_steps = trainer_kw.get("max_steps")
     if max_steps not in (None, -1):
         total = min(total, int(max_steps) * int(trainer_kw.get("accumulate_grad_batches", 1)))
-        epochs = max(1, math.ceil(total / per_epoch))
+        epochs = max(1, math.ceil(total / max(1, per_epoch)))
     return epochs, per_epoch, total
 
 
@@ -404,9 +416,7 @@ def format_plan(spec: Any, plan: SweepPlan) -> str:
         budget = "trained" if p.trained else f"{p.epochs} x {p.steps_per_epoch} steps"
         rows.append((p.entry, str(p.seed), budget, "-" if p.trained else fmt_s(p.training_s), str(p.cells),
                      fmt_s(p.eval_s)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = format_table(rows, right=range(3, len(rows[0])), rule=True)
     costs = plan.costs
     lines += ["", f"corrupting the test images (shared by the entries): {fmt_s(sum(plan.corrupt_s.values()))}",
               f"predicted: training {fmt_s(plan.training_s)} + evaluation {fmt_s(plan.evaluation_s)}"

@@ -17,13 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rcit_bench.bench.costs import SweepPlan, fmt_s
+from rcit_bench.bench.costs import SweepPlan, epochs_and_steps, fmt_s
+from rcit_bench.utils import format_table
 
 log = logging.getLogger(__name__)
 
@@ -374,13 +376,7 @@ class LiveLine:
         self._draw()
 
     def _draw(self) -> None:
-        width = 200
-        try:
-            import shutil
-
-            width = shutil.get_terminal_size((200, 20)).columns
-        except OSError:
-            pass
+        width = shutil.get_terminal_size((200, 20)).columns
         self.stream.write("\r\x1b[K" + self.text[: max(10, width - 1)])
         self.stream.flush()
 
@@ -429,12 +425,9 @@ def progress_callback(progress: SweepProgress) -> Any:
     class SweepProgressCallback(Callback):
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             per_epoch = int(trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else 0
-            epochs = int(trainer.max_epochs) if trainer.max_epochs not in (None, -1) else 1000
-            steps = epochs * per_epoch
-            if trainer.max_steps not in (None, -1):  # optimizer steps; a batch is one unless gradients accumulate
-                steps = min(steps, int(trainer.max_steps) * int(trainer.accumulate_grad_batches))
-                epochs = min(epochs, max(1, math.ceil(steps / max(1, per_epoch))))
-            progress.fit_started(epochs, per_epoch, steps)
+            limits = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,  # batches already limited
+                      "accumulate_grad_batches": trainer.accumulate_grad_batches}
+            progress.fit_started(*epochs_and_steps(per_epoch, limits))
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             progress.batch_done(int(trainer.current_epoch), batch_idx + 1)
@@ -480,9 +473,7 @@ def final_report(spec: Any, entries: list[Any], results_dir: Path, progress: Swe
     rows = [("entry", "clean RSUM", "mean corrupted RSUM", rcit_head, "failed cells")]
     rows += [(e.id, mean(cols[e.id]["clean"]), mean(cols[e.id]["imagenet_c"]), mean(cols[e.id]["rcit"]),
               str(failed[e.id])) for e in entries]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    table = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
-    table.insert(1, "  ".join("-" * w for w in widths))
+    table = format_table(rows, right=range(1, len(rows[0])), rule=True)
     phases = ", ".join(f"{name} {fmt_s(sec)}" for name, sec in progress.phases.items())
     lines = [f"spec {spec.name} done in {fmt_s(progress.elapsed)}: {summary.evaluated} cells evaluated, "
              f"{summary.skipped} already done, {summary.failed} failed", *table, f"time: {phases}"]

@@ -400,13 +400,14 @@ def run_spec(
              len(spec.seeds), summary.total_cells)
     t0 = time.monotonic()
     preflight(spec, entries)
+    pending = {(e.id, seed): RunStore.of(results_dir, spec.name, e.id, seed).pending(spec.cells(e),
+                                                                                  spec.entry_hash(e.id), force)
+               for seed in spec.seeds for e in entries}
     if not wait_for_lock:  # a run that would stop at another run's lock stops now, before measuring anything
-        for seed in spec.seeds:
-            for e in entries:
-                store = RunStore.of(results_dir, spec.name, e.id, seed)
-                if store.pending(spec.cells(e), spec.entry_hash(e.id), force):
-                    store.lock.check()
-    costs, sweep_plan = _plan(spec, entries, results_dir, force, use_wandb) if estimate else (None, None)
+        for (entry_id, seed), cells in pending.items():
+            if cells:
+                RunStore.of(results_dir, spec.name, entry_id, seed).lock.check()
+    costs, sweep_plan = _plan(spec, entries, results_dir, force, use_wandb, pending) if estimate else (None, None)
     live = sys.stderr.isatty() if live is None else live
     display = LiveLine() if live else contextlib.nullcontext()
     with display:
@@ -443,24 +444,17 @@ def run_spec(
     return summary
 
 
-def _plan(spec: Spec, entries: list[Entry], results_dir: Path, force: bool, use_wandb: bool) -> tuple[Any, Any]:
+def _plan(spec: Spec, entries: list[Entry], results_dir: Path, force: bool, use_wandb: bool,
+          pending: dict[tuple[str, int], list[Cell]]) -> tuple[Any, Any]:
     """The unit costs (the last run's on this machine, else measured now) and the plan of what this run will do:
-    its pending cells and the fits it needs; logged before anything trains."""
-    from rcit_bench.bench.costs import format_plan, load_unit_costs, measure_unit_costs, plan_sweep
+    its `pending` cells and the fits it needs; logged before anything trains."""
+    from rcit_bench.bench.costs import format_plan, plan_sweep, unit_costs
 
-    costs = load_unit_costs(results_dir, spec, entries)
-    if costs is None:
-        log.info("measuring unit costs on this machine (a short fit and one cell of each kind per entry)...")
-        costs = measure_unit_costs(spec, entries, seed=spec.seeds[0], use_wandb=use_wandb)
-    pending, trained = {}, {}
-    for seed in spec.seeds:
-        for e in entries:
-            store = RunStore.of(results_dir, spec.name, e.id, seed)
-            ehash = spec.entry_hash(e.id)
-            pending[(e.id, seed)] = store.pending(spec.cells(e), ehash, force)
-            state = store.state()
-            trained[(e.id, seed)] = (not force and state.get("entry_hash") == ehash and bool(state.get("trained"))
-                                     and Path(str(state.get("best_checkpoint", ""))).is_file())
+    costs = unit_costs(spec, entries, results_dir, use_wandb=use_wandb)
+    trained = {}
+    for entry_id, seed in pending:
+        best = RunStore.of(results_dir, spec.name, entry_id, seed).trained_checkpoint(spec.entry_hash(entry_id))
+        trained[(entry_id, seed)] = not force and bool(best) and Path(str(best)).is_file()
     plan = plan_sweep(spec, entries, costs, pending=pending, trained=trained)
     log.info("plan:\n%s", format_plan(spec, plan))
     return costs, plan

@@ -15,6 +15,7 @@ from rcit_bench.bench import results as R
 from rcit_bench.bench.spec import Spec, load_spec
 from rcit_bench.bench.store import RunStore
 from rcit_bench.errors import UserError
+from rcit_bench.utils import format_table
 
 __all__ = ["EntryStatus", "sweep_status", "format_status"]
 
@@ -82,8 +83,7 @@ def _entry_status(store: RunStore, entry_id: str, method: str, seed: int, ehash:
             failed += 1
             if first is None:
                 first = (cell.id, str(rec.get("reason") or "(no reason recorded)"))
-    state = store.state()
-    trained = bool(state.get("trained")) and state.get("entry_hash") == ehash
+    trained = store.trained_checkpoint(ehash) is not None
     lock = store.lock
     owner = lock.owner()
     live = stale_lock = owner_id = None
@@ -107,17 +107,11 @@ def format_status(statuses: list[EntryStatus], spec_name: str, results_dir: str 
     head = ("entry", "method", "seed", "state", "done", "failed", "pending", "stale", "lock")
     rows = [(s.entry, s.method, str(s.seed), s.state, f"{s.done}/{s.total}", str(s.failed), str(s.pending),
              str(s.stale), s.lock_owner or ("stale" if s.stale_lock else "")) for s in statuses]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    right = {2, 4, 5, 6, 7}  # numbers
-
-    def line(r: tuple[str, ...]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-
     lines = [f"spec {spec_name!r}, results under {folder}"]
     if not folder.is_dir():
         lines.append(f"(no results yet: {folder} does not exist; the sweep has not started, or it writes to another "
                      "--results-dir)")
-    lines += [line(head), *map(line, rows)]
+    lines += format_table([head, *rows], right={2, 4, 5, 6, 7})  # the numbers right-aligned
     total = sum(s.total for s in statuses)
     done, failed = sum(s.done for s in statuses), sum(s.failed for s in statuses)
     pending, stale = sum(s.pending for s in statuses), sum(s.stale for s in statuses)

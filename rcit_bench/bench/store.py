@@ -241,6 +241,14 @@ class RunStore:
     def save_state(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.state_path, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
+    def trained_checkpoint(self, entry_hash: str) -> str | None:
+        """The best checkpoint the run state names when the model of `entry_hash` finished training, else None
+        (the file itself is not checked)."""
+        state = self.state()
+        if state.get("entry_hash") != entry_hash or not state.get("trained"):
+            return None
+        return str(state.get("best_checkpoint") or "")
+
     def begin(self, entry_hash: str, force: bool, new_run_id: Any) -> dict[str, Any]:
         """The run state for training `entry_hash`: kept when it is the same entry, else started afresh (the
         checkpoints of the other configuration removed, a W&B run id from `new_run_id`; with `force`, the same
