@@ -191,7 +191,7 @@ def corrupt_worker(spec_path: str, n_images: int) -> dict[str, Any]:
         todo += [(f"{c} s{sev}", {"corruption": c, "severity": sev}) for c in ic["corruptions"]]
     rc = ev.get("rcit_protocol")
     if rc:
-        rate = rc.get("main_rate", rc["rates"][0])
+        rate = rc["main_pixel_noise_rate"]
         todo += [(f"{c} r{rate:g}", {"corruption": c, "rate": float(rate)}) for c in rc["corruptions"]]
     for name, kw in todo:
         t = time.perf_counter()

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from rcit_bench.bench.reference import REPORTED
+from rcit_bench.bench.reference import REPORTED, REPORTED_NOISE
 from rcit_bench.bench.results import ResultRow, iter_results
 from rcit_bench.errors import UserError
-from rcit_bench.bench.spec import Entry, Spec, cell_id, config_path, load_spec, method_class
+from rcit_bench.bench.spec import Entry, Spec, cell_id, config_path, entry_family, load_spec, method_class
 from rcit_bench.utils import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ def verdicts(board: Board, rs: Resampler) -> list[str]:
     lines: list[str] = []
     rc = spec.evaluation.get("rcit_protocol")
     if rc:
-        rate = rc["main_rate"]
+        rate = rc["main_pixel_noise_rate"]
         for r, v in paired_twins(spec):
             cells = [_rc(n, rate) for n in rc["corruptions"]]
             for name, cell in zip(rc["corruptions"], cells):
@@ -400,12 +400,12 @@ def verdicts(board: Board, rs: Resampler) -> list[str]:
     ic_cells = [_ic(n, s) for n in board.ic_corruptions for s in board.ic_severities]
     if base is not None:
         for e in spec.entries:
-            if e.id == base:
+            if e.id == base or e.mismatch_rate or e.small_loss:  # judged in the correspondence-noise section
                 continue
             if spec.evaluation.get("clean") and (line := _verdict(rs, "clean test set, vs the baseline", e.id, base,
                                                                   ["clean"])):
                 lines.append(line)
-            if ic_cells and (line := _verdict(rs, "mean corrupted RSUM (ImageNet-C grid), vs the baseline", e.id,
+            if ic_cells and _evaluates(spec, e, "imagenet_c") and (line := _verdict(rs, "mean corrupted RSUM (ImageNet-C grid), vs the baseline", e.id,
                                               base, ic_cells)):
                 lines.append(line)
     return lines
@@ -436,7 +436,7 @@ def image_change_table(board: Board) -> str | None:
         cols += [(n, [(f"s{s}", _ic(n, s)) for s in board.ic_severities]) for n in board.ic_corruptions]
     rc = board.spec.evaluation.get("rcit_protocol")
     if rc:
-        cols += [(n, [(f"r{r:g}", _rc(n, r)) for r in rc["rates"]]) for n in rc["corruptions"]]
+        cols += [(n, [(f"r{r:g}", _rc(n, r)) for r in rc["pixel_noise_rates"]]) for n in rc["corruptions"]]
     rows_by_cell: dict[str, ResultRow] = {}
     for seeds in board.ok.values():
         for es in seeds.values():
@@ -543,11 +543,11 @@ def rcit_table(board: Board, rs: Resampler | None = None) -> str:
     RSUM [95% CI]."""
     rs = rs or Resampler(board)
     rc = board.spec.evaluation["rcit_protocol"]
-    rate = rc["main_rate"]
+    rate = rc["main_pixel_noise_rate"]
     header = ["entry", "regime", "test corruption", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5",
               "t2i R@10", "RSUM [95% CI]"]
     text_rows, value_rows = [], []
-    for e in board.spec.entries:
+    for e in [x for x in board.spec.entries if _evaluates(board.spec, x, "rcit")]:
         for name in ["clean"] + list(rc["corruptions"]):
             cell = "clean" if name == "clean" else _rc(name, rate)
             label = "clean" if name == "clean" else f"{name} (rate {rate:g})"
@@ -564,6 +564,158 @@ def rcit_table(board: Board, rs: Resampler | None = None) -> str:
     return _md_table(header, text_rows)
 
 
+def _evaluates(spec: Spec, entry: Entry, kind: str) -> bool:
+    """Whether `entry` is evaluated on cells of `kind` (an entry's `evaluate` may narrow the spec's grid)."""
+    return entry.evaluate is None or kind in entry.evaluate
+
+
+def _evaluating(spec: Spec, kind: str) -> list[str]:
+    return [e.id for e in spec.entries if _evaluates(spec, e, kind)]
+
+
+def noise_rows(spec: Spec) -> list[tuple[str, dict[float, str], str | None]]:
+    """The rows of the correspondence-noise table: (label, mismatch rate -> entry id, the entry that is this row's
+    rate-0 reference). A row is a family of entries that differ only in their mismatch rate; a small-loss row
+    without its own rate-0 entry is referred to its plain method's rate 0. Only families with a rate above 0."""
+    fams: dict[str, dict[float, str]] = defaultdict(dict)
+    for e in spec.entries:
+        fams[entry_family(spec, e.id)].setdefault(e.mismatch_rate, e.id)
+    plain_zero = {entry_family(spec, e.id, small_loss=False): e.id for e in spec.entries
+                  if not e.mismatch_rate and not e.small_loss}
+    rows = []
+    for fam, members in fams.items():
+        if not any(members):
+            continue
+        first = spec.entry(next(iter(members.values())))
+        label = f"{first.method} ({first.regime}{', small-loss' if first.small_loss else ''})"
+        ref = members.get(0.0) or plain_zero.get(entry_family(spec, first.id, small_loss=False))
+        rows.append((label, dict(sorted(members.items())), ref))
+    return rows
+
+
+def noise_section(board: Board, rs: Resampler, out: Path) -> list[str]:
+    """Correspondence noise: clean-test RSUM against the mismatch rate of the training pairs, the relative drop from
+    rate 0, how well the small-loss selection flagged the mismatched pairs, paired verdicts, a plot and the
+    figures papers report."""
+    spec = board.spec
+    rows = noise_rows(spec)
+    if not rows or not spec.evaluation.get("clean"):
+        return []
+    md = ["## Correspondence noise (mismatched training pairs)\n",
+          "Mismatch rate = the fraction of *training* captions paired with another image than their own (exactly "
+          "round(rate x captions) of them, none landing back on its own image, chosen from the entry's mismatch "
+          "seed), the noise rate of NCR and its successors; not the pixel noise rate of the RCIT cells. **Only the "
+          "training split is mismatched: checkpoints are selected on the clean validation split and every number "
+          "here is on the clean test split**, as in NCR. *drop* = 1 - RSUM(rate) / RSUM(0) of the row (†: of the "
+          "plain method's rate-0 entry, for a defence trained only under noise).\n"]
+    rates = sorted({r for _, members, _ in rows for r in members} | {0.0})
+    header = ["training (method, regime)"] + [f"mismatch {r:g}" for r in rates] +         [f"drop at {r:g}" for r in rates if r]
+    table = []
+    for label, members, ref in rows:
+        cells = []
+        for r in rates:
+            eid = members.get(r, ref if r == 0 else None)
+            text = _rsum_with_ci(board, rs, eid, ["clean"])[0] if eid else "-"
+            cells.append(f"{text} (`{eid}`)" if eid and text != "-" else text)
+        base = board.cell_metric(ref, "clean") if ref else []
+        drops = []
+        for r in rates[1:]:
+            v = board.cell_metric(members[r], "clean") if r in members else []
+            if v and base and _mean_std(base)[0] > 0:
+                drop = 1.0 - _mean_std(v)[0] / _mean_std(base)[0]
+                drops.append(f"{100 * drop:.1f}%" + ("" if 0.0 in members else " †"))
+            else:
+                drops.append("-")
+        table.append([label] + cells + drops)
+    md.append(_md_table(header, table) + "\n")
+    detail = []
+    for e in spec.entries:
+        if not e.mismatch_rate and not e.small_loss:
+            continue
+        rec = next((r.record for es in board.ok.get(e.id, {}).values() for r in es.cells.values()), None)
+        noise = (rec or {}).get("correspondence_noise") or {}
+        sel = ((rec or {}).get("training") or {}).get("small_loss_selection") or {}
+        last = sel[max(sel, key=int)] if sel else None
+        actual = noise.get("mismatch_actual")
+        detail.append([f"`{e.id}`", f"{e.mismatch_rate:g}", "-" if actual is None else f"{actual:.4f}",
+                       str(e.mismatch_seed) if e.mismatch_rate else "-", "yes" if e.small_loss else "no",
+                       "-" if last is None else f"{100 * last['precision']:.1f}%",
+                       "-" if last is None else f"{100 * last['recall']:.1f}%"])
+    md.append("Per entry: the nominal and the actual mismatch fraction of its training split (from its result "
+              "files), and for the small-loss selection (per-pair triplet losses, a two-component Gaussian mixture "
+              "fitted on them after every epoch, pairs weighted by their posterior of the low-loss component) the "
+              "precision and recall of the pairs it flags as mismatched (posterior below 0.5) after the last epoch, "
+              "measured against the known mismatch.\n")
+    md.append(_md_table(["entry", "mismatch rate", "actual", "mismatch seed", "small-loss", "flagged: precision",
+                         "flagged: recall"], detail) + "\n")
+    lines = []
+    for label, members, ref in rows:
+        for r, eid in members.items():
+            if r and ref and (line := _verdict(rs, f"clean test, {label} at mismatch rate {r:g} vs rate 0", eid, ref,
+                                               ["clean"])):
+                lines.append(line)
+    for e in spec.entries:  # a defence against its plain method at the same rate
+        if not e.small_loss:
+            continue
+        fam = entry_family(spec, e.id, small_loss=False)
+        for p in spec.entries:
+            if (not p.small_loss and p.mismatch_rate == e.mismatch_rate
+                    and entry_family(spec, p.id, small_loss=False) == fam):
+                line = _verdict(rs, f"clean test, small-loss selection vs plain training at mismatch rate "
+                                    f"{e.mismatch_rate:g}", e.id, p.id, ["clean"])
+                if line:
+                    lines.append(line)
+    if lines:
+        md.append("Paired verdicts (both entries scored on the same resampled test images):\n\n" + "\n".join(lines)
+                  + "\n")
+    plot = plot_mismatch(board, rs, rows, rates, out)
+    if plot is not None:
+        md.append(f"![RSUM vs mismatch rate]({plot.name})\n")
+    md.append("Reported by the papers (not measured by this suite; clean-test RSUM after training under the stated "
+              "mismatch rate):\n")
+    md.append(_md_table(["method (as reported)", "dataset", "mismatch rate", "RSUM", "source", "note"],
+                        [[r.method, r.dataset, f"{r.mismatch_rate:g}", f"{r.rsum:.1f}", r.citation, r.note]
+                         for r in REPORTED_NOISE]) + "\n")
+    return md
+
+
+def plot_mismatch(board: Board, rs: Resampler, rows: list[tuple[str, dict[float, str], str | None]],
+                  rates: list[float], out_dir: Path) -> Path | None:
+    """Clean-test RSUM vs the mismatch rate of the training pairs, a line per row with 95% bootstrap intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    drawn = False
+    for label, members, ref in rows:
+        xs, ys, lo, hi = [], [], [], []
+        for r in rates:
+            eid = members.get(r, ref if r == 0 else None)
+            ci = rs.interval(eid, ["clean"]) if eid else None
+            if ci is None:
+                continue
+            xs.append(r)
+            ys.append(ci[0])
+            lo.append(ci[0] - ci[1])
+            hi.append(ci[2] - ci[0])
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("mismatch rate of the training pairs")
+    ax.set_ylabel("clean-test RSUM")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "rsum_vs_mismatch_rate.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
 def reported_table() -> str:
     rows = [[r.method, " / ".join(f"{x:.1f}" for x in r.i2t), " / ".join(f"{x:.1f}" for x in r.t2i),
              f"{r.rsum:.1f}", r.note] for r in REPORTED]
@@ -574,14 +726,16 @@ def write_csv(board: Board, path: Path) -> None:
     """Every result cell of the spec (ok and failed), one row each."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["entry", "method", "regime", "seed", "cell", "kind", "corruption", "severity", "rate", "perturbation",
+    mismatch = {e.id: e.mismatch_rate for e in board.spec.entries}
+    w.writerow(["entry", "method", "regime", "mismatch_rate", "seed", "cell", "kind", "corruption", "severity",
+                "pixel_noise_rate", "perturbation",
                 "level", "status", "reason", *CSV_METRICS, "rsum_ci_lo", "rsum_ci_hi", "i2t_ties", "t2i_ties",
                 "image_mean_abs_diff", "image_psnr_db", "wandb_run_id"])
     for r in sorted(board.rows, key=lambda r: (r.entry, r.seed, r.cell)):
         ci = (r.record.get("intervals") or {}).get("rsum") or ["", ""]
         ties = r.record.get("ties") or {}
         ch = r.record.get("image_change") or {}
-        w.writerow([r.entry, r.method, r.regime, r.seed, r.cell, r.kind, r.corruption or "", r.severity or "",
+        w.writerow([r.entry, r.method, r.regime, repr(mismatch.get(r.entry, 0.0)), r.seed, r.cell, r.kind, r.corruption or "", r.severity or "",
                     "" if r.rate is None else r.rate, r.perturbation or "", r.level or "", r.status, r.reason,
                     *["" if k not in r.metrics else repr(r.metrics[k]) for k in CSV_METRICS], *ci,
                     ties.get("i2t", ""), ties.get("t2i", ""), "" if "mean_abs_diff" not in ch else repr(ch["mean_abs_diff"]),
@@ -651,9 +805,9 @@ def plot_rate(board: Board, out_dir: Path) -> Path:
     names = rc["corruptions"]
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.0), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        for e in board.spec.entries:
+        for e in [x for x in board.spec.entries if _evaluates(board.spec, x, "rcit")]:
             xs, ys = [], []
-            for r in [0.0] + list(rc["rates"]):
+            for r in [0.0] + list(rc["pixel_noise_rates"]):
                 v = board.cell_metric(e.id, "clean" if r == 0 else _rc(name, r))
                 if v:
                     xs.append(r)
@@ -661,7 +815,7 @@ def plot_rate(board: Board, out_dir: Path) -> Path:
             if xs:
                 ax.plot(xs, ys, marker="o", label=e.id)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("noise rate (0 = clean)")
+        ax.set_xlabel("pixel noise rate (0 = clean)")
         ax.set_ylabel("RSUM")
     if axes.flat[0].get_legend_handles_labels()[0]:
         axes.flat[0].legend(fontsize=7)
@@ -848,18 +1002,19 @@ def _write_board(spec: Spec, board: Board, out: Path) -> None:
             f" {reason}" for (eid, seed, reason), cells in failed.items()) + "\n")
     if ev.get("rcit_protocol"):
         rc = ev["rcit_protocol"]
-        md.append(f"## RCIT protocol (noise rate {rc['main_rate']:g}, the RCIT paper's layout)\n")
-        md.append("Noise rate = fraction of pixels corrupted (salt-and-pepper: set to black or white; speckle: "
-                  "x + x N(0, s) on the chosen pixels).\n")
+        md.append(f"## RCIT protocol (pixel noise rate {rc['main_pixel_noise_rate']:g}, the RCIT paper's layout)\n")
+        md.append("Pixel noise rate = fraction of a test image's pixels corrupted (salt-and-pepper: set to black or "
+                  "white; speckle: x + x N(0, s) on the chosen pixels); not the mismatch rate of the training pairs.\n")
         md.append(rcit_table(board, rs) + "\n")
-        cols = [(f"{n} r={r:g}", [_rc(n, r)]) for n in rc["corruptions"] for r in rc["rates"]]
-        md.append(_grid_table(board, [("clean", ["clean"])] + cols) + "\n")
-        md.append(f"![RSUM vs noise rate]({plot_rate(board, out).name})\n")
+        cols = [(f"{n} r={r:g}", [_rc(n, r)]) for n in rc["corruptions"] for r in rc["pixel_noise_rates"]]
+        md.append(_grid_table(board, [("clean", ["clean"])] + cols, entries=_evaluating(spec, "rcit")) + "\n")
+        md.append(f"![RSUM vs pixel noise rate]({plot_rate(board, out).name})\n")
+    md += noise_section(board, rs, out)
     if board.ic_corruptions:
         md.append("## Per corruption (RSUM averaged over severities "
                   f"{board.ic_severities})\n")
         cols = [(n, [_ic(n, s) for s in board.ic_severities]) for n in board.ic_corruptions]
-        md.append(_grid_table(board, cols) + "\n")
+        md.append(_grid_table(board, cols, entries=_evaluating(spec, "imagenet_c")) + "\n")
         for p in plot_severity(board, out):
             md.append(f"![{p.stem}]({p.name})\n")
     if ev.get("text"):
@@ -867,7 +1022,7 @@ def _write_board(spec: Spec, board: Board, out: Path) -> None:
         md.append("## Text perturbations (RSUM; clean images, perturbed captions, rate = 0.05 x level)\n")
         cols = [("clean", ["clean"])] + [(f"{p} L{lv}", [_tx(p, lv)]) for p in tx["perturbations"]
                                          for lv in tx["levels"]]
-        md.append(_grid_table(board, cols) + "\n")
+        md.append(_grid_table(board, cols, entries=_evaluating(spec, "text")) + "\n")
     pg_entries = [e.id for e in spec.entries if any(c.kind == "pointing_game" for c in spec.cells(e))]
     if pg_entries:
         md.append("## Matchmap pointing game (accuracy in percent: word heatmap peak inside the named object's box)\n")

@@ -451,7 +451,7 @@ def final_report(spec: Any, entries: list[Any], results_dir: Path, progress: Swe
 
     hashes = {e.id: spec.entry_hash(e.id) for e in entries}
     rc = spec.evaluation.get("rcit_protocol") or {}
-    main_rate = rc.get("main_rate", (rc.get("rates") or [None])[0])
+    main_rate = rc.get("main_pixel_noise_rate")
     cols: dict[str, dict[str, list[float]]] = {e.id: {"clean": [], "imagenet_c": [], "rcit": []} for e in entries}
     failed = {e.id: 0 for e in entries}
     for row in iter_results(results_dir, spec.name):
@@ -469,7 +469,7 @@ def final_report(spec: Any, entries: list[Any], results_dir: Path, progress: Swe
     def mean(xs: list[float]) -> str:
         return f"{sum(xs) / len(xs):.1f}" if xs else "-"
 
-    rcit_head = "RCIT RSUM" + (f" (rate {main_rate:g})" if main_rate is not None else "")
+    rcit_head = "RCIT RSUM" + (f" (pixel noise rate {main_rate:g})" if main_rate is not None else "")
     rows = [("entry", "clean RSUM", "mean corrupted RSUM", rcit_head, "failed cells")]
     rows += [(e.id, mean(cols[e.id]["clean"]), mean(cols[e.id]["imagenet_c"]), mean(cols[e.id]["rcit"]),
               str(failed[e.id])) for e in entries]

@@ -83,7 +83,7 @@ def provenance(**extra: Any) -> dict[str, Any]:
 
 #: Optional record sections (see :func:`make_record`).
 RECORD_SECTIONS = ("ties", "intervals", "ranks_file", "image_change", "corruption_source", "training", "config",
-                   "config_hash")
+                   "config_hash", "correspondence_noise")
 
 
 def make_record(*, spec_name: str, spec_hash: str, entry_hash: str, entry: dict[str, Any], seed: int,
@@ -95,7 +95,8 @@ def make_record(*, spec_name: str, spec_hash: str, entry_hash: str, entry: dict[
     ``intervals`` (95% bootstrap intervals per metric), ``ranks_file`` (the per-query ranks beside the
     record), ``image_change`` (how far the test images moved from the clean ones), ``corruption_source`` (what
     the corruption's pixels come from, when that can differ: frost), ``training`` (the budget
-    the model used), ``config`` / ``config_hash`` (the one composed configuration of the entry and seed).
+    the model used), ``config`` / ``config_hash`` (the one composed configuration of the entry and seed),
+    ``correspondence_noise`` (the nominal and actual mismatch rate of the training pairs, and its seed).
     """
     if status not in STATUSES:
         raise ValueError(f"Argument `status` must be one of {STATUSES}, but got {status!r}.")
@@ -238,7 +239,7 @@ def iter_results(results_dir: str | Path, spec_name: str) -> Iterator[ResultRow]
         yield ResultRow(
             entry=e["id"], method=e.get("method", ""), regime=e.get("regime", ""), seed=int(rec["seed"]),
             cell=c["id"], kind=c["kind"], corruption=c.get("corruption"), severity=c.get("severity"),
-            rate=c.get("rate"), perturbation=c.get("perturbation"), level=c.get("level"),
+            rate=c.get("pixel_noise_rate", c.get("rate")), perturbation=c.get("perturbation"), level=c.get("level"),
             status=rec["status"], reason=rec.get("reason", ""), metrics=rec.get("metrics", {}),
             wandb_run_id=prov.get("wandb_run_id"), wandb_url=prov.get("wandb_url"), path=p, record=rec,
         )

@@ -80,6 +80,10 @@ def datamodule_kwargs(spec: Spec, entry: Entry, seed: int, cfg: dict[str, Any]) 
         kw["corruption_mix"] = [dict(m) for m in entry.corruption_mix]
         if entry.augment_fraction is not None:
             kw["augment_fraction"] = entry.augment_fraction
+    kw.pop("mismatch_rate", None)
+    kw.pop("mismatch_seed", None)
+    if entry.mismatch_rate:  # correspondence noise: the training split only (the datamodule keeps val/test clean)
+        kw["mismatch_rate"], kw["mismatch_seed"] = entry.mismatch_rate, entry.mismatch_seed
     return kw
 
 
@@ -107,8 +111,11 @@ def composed_config(spec: Spec, entry: Entry, seed: int, cfg: dict[str, Any]) ->
     the datamodule arguments and trainer arguments the runner really passes, and the early-stopping rule.
     It is what gets saved with the checkpoint (``data_config``), logged to W&B, written beside the results
     (``config.yaml``) and hashed (``config_hash`` in every result record)."""
+    model = dict(cfg.get("model") or {})
+    if entry.small_loss is not None:  # the small-loss selection of noisy pairs, a training option of every method
+        model["small_loss"] = entry.small_loss
     return {"method": entry.method, "regime": entry.regime, "seed": seed,
-            "model": dict(cfg.get("model") or {}), "optim": dict(cfg.get("optim") or {}),
+            "model": model, "optim": dict(cfg.get("optim") or {}),
             "data": datamodule_kwargs(spec, entry, seed, cfg), "trainer": trainer_kwargs(spec, entry, cfg),
             "early_stopping": spec.early_stopping}
 
@@ -210,6 +217,8 @@ def budget_meter() -> Any:
             self.images = 0
             self.wall_s = 0.0
             self.curve: list[dict[str, float]] = []
+            #: epoch -> precision / recall of the small-loss selection flagging the mismatched training pairs
+            self.selection: dict[str, dict[str, float]] = {}
             self._t0: float | None = None
 
         @property
@@ -221,17 +230,38 @@ def budget_meter() -> Any:
 
         def state_dict(self) -> dict[str, Any]:
             return {"pairs": self.pairs, "images": self.images, "wall_s": self.elapsed(),
-                    "curve": [dict(c) for c in self.curve]}
+                    "curve": [dict(c) for c in self.curve], "selection": {k: dict(v) for k, v in self.selection.items()}}
 
         def load_state_dict(self, state: dict[str, Any]) -> None:
             self.pairs, self.images = int(state["pairs"]), int(state["images"])
             self.wall_s, self.curve = float(state["wall_s"]), [dict(c) for c in state["curve"]]
+            self.selection = {k: dict(v) for k, v in state.get("selection", {}).items()}
 
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             self._t0 = time.monotonic()
 
         def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
             self.wall_s, self._t0 = self.elapsed(), None
+            self._measure_selection(trainer, pl_module)
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self._measure_selection(trainer, pl_module)
+
+        def _measure_selection(self, trainer: Any, pl_module: Any) -> None:
+            """How well the small-loss selection (fitted at the end of the last epoch) flags the mismatched pairs:
+            measured here against the datamodule's mismatch mask, which the model never sees."""
+            posterior = getattr(pl_module, "small_loss_posterior", None)
+            dm = trainer.datamodule
+            got = posterior() if posterior is not None else None
+            if got is None or trainer.current_epoch < 1 or not getattr(dm, "mismatch_rate", 0.0):
+                return
+            from rcit_bench.models.small_loss import selection_quality
+
+            p_clean, seen = got
+            mismatched = dm.mismatched_captions()
+            n = min(len(p_clean), len(mismatched))
+            quality = selection_quality(p_clean[:n], seen[:n], mismatched[:n])
+            self.selection[str(int(trainer.current_epoch))] = {k: float(v) for k, v in quality.items()}
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             n = int(batch["tokens"].shape[0])
@@ -283,6 +313,8 @@ def budget_record(meter: Any, trainer_kw: dict[str, Any], early: dict[str, Any] 
     }
     if curve and "modality_acc" in curve[-1]:
         out["final_modality_acc"] = curve[-1]["modality_acc"]
+    if getattr(meter, "selection", None):  # epochs done -> precision / recall of the small-loss selection
+        out["small_loss_selection"] = {k: dict(v) for k, v in sorted(meter.selection.items(), key=lambda kv: int(kv[0]))}
     return out
 
 
@@ -492,6 +524,7 @@ def preflight(spec: Spec, entries: list[Entry]) -> None:
 
     problems: list[str] = []
     datamodules: dict[str, Any] = {}
+    mismatched: list[tuple[Entry, Any]] = []  # entries with correspondence noise, and the datamodule of their data
     for entry in entries:
         try:
             composed = composed_config(spec, entry, spec.seeds[0], method_config(spec, entry))
@@ -500,7 +533,9 @@ def preflight(spec: Spec, entries: list[Entry]) -> None:
                 if arg in composed["model"]:
                     check_encoder(arg, composed["model"][arg])
             dm = RetrievalDataModule(**composed["data"])
-            datamodules.setdefault(dm.test_data_key(), dm)
+            dm = datamodules.setdefault(dm.test_data_key(), dm)
+            if entry.mismatch_rate:
+                mismatched.append((entry, dm))
         except (ValueError, TypeError, OSError) as err:
             problems.append(f"entry `{entry.id}`: {err}")
     for dm in datamodules.values():
@@ -510,6 +545,13 @@ def preflight(spec: Spec, entries: list[Entry]) -> None:
             log.info("data: %s %s (%s)", dm.dataset, where, ", ".join(f"{k} {v} images" for k, v in counts.items()))
         except (ValueError, OSError) as err:
             problems.append(f"dataset {dm.dataset!r} at {where}: {err}")
+    for entry, dm in mismatched:  # the noisy index can be built (e.g. two images at least), before training
+        try:
+            from rcit_bench.data.noise import mismatch_captions
+
+            mismatch_captions(dm.split("train").caption_to_image, entry.mismatch_rate, entry.mismatch_seed)
+        except (ValueError, OSError) as err:
+            problems.append(f"entry `{entry.id}` (mismatch_rate {entry.mismatch_rate:g}): {err}")
     if problems:
         raise UserError(f"spec {spec.name!r} cannot run, nothing was trained:\n  - " + "\n  - ".join(problems))
 
@@ -606,6 +648,8 @@ def _train_or_load(spec: Spec, entry: Entry, seed: int, store: RunStore, results
     t0 = time.monotonic()
     try:
         prepared.dm = make_datamodule(composed["data"])
+        # nominal and actual correspondence noise of the training split (validation and test stay clean)
+        prepared.sections["correspondence_noise"] = prepared.dm.mismatch_record()
         _seed(seed)  # initial weights from the seed alone, not from what ran before in this process
         model = build_model(entry, composed, prepared.dm)
         prepared.checkpoint = _trained_weights(model, prepared, state, seed, composed, spec, summary, progress)
@@ -665,10 +709,16 @@ def wandb_run_id(spec_name: str, entry_hash: str, seed: int) -> str:
 
 def _wandb_run(spec: Spec, entry: Entry, seed: int, results_dir: Path, enabled: bool, run_id: str,
                composed: dict[str, Any], config_hash: str) -> WandbRun:
+    noise = ""
+    if entry.mismatch_rate:  # the mismatch rate and its seed name the run (sweep ids already carry the rate)
+        noise = ("" if f"-mis{entry.mismatch_rate:g}" in entry.id else f"-mis{entry.mismatch_rate:g}") + \
+            ("" if f"-mseed{entry.mismatch_seed}" in entry.id else f"-mseed{entry.mismatch_seed}")
+    extra_tags = ([f"mismatch{entry.mismatch_rate:g}"] if entry.mismatch_rate else []) + \
+        (["small_loss"] if entry.small_loss else [])
     return WandbRun(enabled=enabled, run_id=run_id,
-                    name=f"{spec.name}-{entry.id}-seed{seed}", save_dir=results_dir, project=spec.wandb.get("project"),
-                    entity=spec.wandb.get("entity"), tags=[spec.name, entry.method, entry.regime,
-                                                           *spec.wandb.get("tags", [])],
+                    name=f"{spec.name}-{entry.id}{noise}-seed{seed}", save_dir=results_dir,
+                    project=spec.wandb.get("project"), entity=spec.wandb.get("entity"),
+                    tags=[spec.name, entry.method, entry.regime, *extra_tags, *spec.wandb.get("tags", [])],
                     group=spec.name, config={"spec": spec.name, "spec_hash": spec.hash, "entry": entry.id,
                                              "config_hash": config_hash, **composed})
 

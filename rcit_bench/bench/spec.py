@@ -31,7 +31,8 @@ TRAINER_KEYS = (
     "log_every_n_steps", "deterministic", "enable_progress_bar", "num_sanity_val_steps",
 )
 #: Datamodule options the runner sets itself from the entry and seed, so a spec may not set them.
-RUNNER_SET_DATA_OPTIONS = ("dataset", "seed", "train_corruption", "corruption_mix", "augment_fraction")
+RUNNER_SET_DATA_OPTIONS = ("dataset", "seed", "train_corruption", "corruption_mix", "augment_fraction", "mismatch_rate",
+                           "mismatch_seed")
 SEVERITIES = (1, 2, 3, 4, 5)
 TEXT_LEVELS = (1, 2, 3, 4, 5)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -43,11 +44,15 @@ EARLY_STOPPING_KEYS = ("patience", "min_delta")
 #: Every entry trains until val RSUM has not improved for `patience` validations, within the trainer's budget.
 DEFAULT_EARLY_STOPPING = {"patience": 3, "min_delta": 0.0}
 DATASET_KEYS = ("kind", "options")
-ENTRY_KEYS = ("id", "method", "config", "regime", "corruption_mix", "augment_fraction", "overrides", "description")
-MIX_KEYS = ("name", "severity", "rate")
+ENTRY_KEYS = ("id", "method", "config", "regime", "corruption_mix", "augment_fraction", "mismatch_rate",
+              "mismatch_rates", "mismatch_seed", "small_loss", "evaluate", "overrides", "description")
+#: `pixel_noise_rate` is the RCIT noise rate (fraction of corrupted pixels); `rate` is its older spelling
+MIX_KEYS = ("name", "severity", "pixel_noise_rate", "rate")
 EVAL_KEYS = ("clean", "imagenet_c", "rcit_protocol", "text", "pointing_game")
 IC_KEYS = ("corruptions", "severities")
-RCIT_KEYS = ("corruptions", "rates", "main_rate")
+RCIT_KEYS = ("corruptions", "pixel_noise_rates", "main_pixel_noise_rate", "rates", "main_rate")
+#: older spellings of the RCIT protocol keys, still accepted (a spec may not give both spellings of one key)
+RCIT_OLD_SPELLINGS = {"rates": "pixel_noise_rates", "main_rate": "main_pixel_noise_rate"}
 TEXT_KEYS = ("perturbations", "levels")
 WANDB_KEYS = ("project", "entity", "tags")
 #: Sections of a method config an entry may override (deep-merged, see rcit_bench/configs/*.yaml).
@@ -182,7 +187,11 @@ class Cell:
     level: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("id", "kind", "corruption", "severity", "rate", "perturbation", "level")}
+        """The cell as result files record it; its rate is written as ``pixel_noise_rate`` (the RCIT noise rate,
+        named apart from the training pairs' mismatch rate; files written before say ``rate``)."""
+        out = {k: getattr(self, k) for k in ("id", "kind", "corruption", "severity", "rate", "perturbation", "level")}
+        out["pixel_noise_rate"] = out.pop("rate")
+        return out
 
 
 @dataclass
@@ -197,6 +206,13 @@ class Entry:
     augment_fraction: float | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # {model|optim|data|trainer: {...}}
     description: str = ""
+    #: correspondence noise: the fraction of training captions paired with another image (0: none), and its seed
+    mismatch_rate: float = 0.0
+    mismatch_seed: int = 0
+    #: the small-loss selection of noisy pairs (True or its options), for any method; None: off
+    small_loss: bool | dict[str, Any] | None = None
+    #: the cell kinds this entry is evaluated on (None: the whole grid of the spec)
+    evaluate: list[str] | None = None
 
 
 @dataclass
@@ -235,7 +251,7 @@ class Spec:
     def entry_hash(self, entry_id: str) -> str:
         """Hash of what determines a trained model (dataset, trainer, entry): result files of another
         entry hash are stale. Changing only the evaluation grid keeps the trained models and results."""
-        e = next(x for x in self.raw["entries"] if x["id"] == entry_id)
+        e = {k: v for k, v in next(x for x in self.raw["entries"] if x["id"] == entry_id).items() if k != "evaluate"}
         cfg = config_path(self, self.entry(entry_id))
         cfg_text = cfg.read_text(encoding="utf-8") if cfg.is_file() else ""  # an edited config means retraining
         return sha256_json({"dataset": self.raw["dataset"], "trainer": self.raw["trainer"], "entry": e,
@@ -244,9 +260,12 @@ class Spec:
 
     def cells(self, entry: Entry | str | None = None) -> list[Cell]:
         """The evaluation grid for an entry, in evaluation order (pointing game only for methods that localize)."""
-        localizes = True
+        localizes, kinds = True, None
         if entry is not None:
-            localizes = method_class((self.entry(entry) if isinstance(entry, str) else entry).method).localizes
+            e = self.entry(entry) if isinstance(entry, str) else entry
+            localizes, kinds = method_class(e.method).localizes, e.evaluate
+        if kinds is not None:
+            return [c for c in self.cells() if c.kind in kinds and (c.kind != "pointing_game" or localizes)]
         ev = self.evaluation
         cells: list[Cell] = []
         if ev["clean"]:
@@ -256,14 +275,16 @@ class Spec:
             cells += [make_cell("imagenet_c", corruption=n, severity=s) for n in ic["corruptions"] for s in ic["severities"]]
         rc = ev.get("rcit_protocol")
         if rc:
-            cells += [make_cell("rcit", corruption=n, rate=float(r)) for n in rc["corruptions"] for r in rc["rates"]]
+            cells += [make_cell("rcit", corruption=n, rate=float(r)) for n in rc["corruptions"]
+                      for r in rc["pixel_noise_rates"]]
         tx = ev.get("text")
         if tx:
             cells += [make_cell("text", perturbation=p, level=lv) for p in tx["perturbations"] for lv in tx["levels"]]
         if ev["pointing_game"] and localizes:
             cells.append(make_cell("pointing_game"))
             if rc:
-                cells += [make_cell("pointing_game", corruption=n, rate=float(rc["main_rate"])) for n in rc["corruptions"]]
+                cells += [make_cell("pointing_game", corruption=n, rate=float(rc["main_pixel_noise_rate"]))
+                          for n in rc["corruptions"]]
         return cells
 
 
@@ -326,9 +347,10 @@ def _check_levels(where: str, value: Any, allowed: Iterable[int]) -> list[int]:
 
 
 def _check_rate(where: str, v: Any) -> float:
-    """A noise rate of the evaluation grid: in (0, 1] (rate 0 is the clean cell, already in the grid)."""
+    """A pixel noise rate of the evaluation grid: in (0, 1] (rate 0 is the clean cell, already in the grid)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
-        raise UserError(f"Spec key `{where}` must be a noise rate in (0, 1], but got {v!r}.")
+        raise UserError(f"Spec key `{where}` must be a pixel noise rate (fraction of corrupted pixels) in (0, 1], "
+                         f"but got {v!r}.")
     return float(v)
 
 
@@ -339,8 +361,11 @@ def _check_mix(where: str, value: Any) -> list[dict[str, Any]]:
     for i, item in enumerate(_check_list(where, value)):
         w = f"{where}[{i}]"
         _check_keys(item, w, MIX_KEYS, required=("name",))
+        if "rate" in item and "pixel_noise_rate" in item:
+            raise UserError(f"Spec key `{w}` gives both `pixel_noise_rate` and its older spelling `rate`; keep "
+                             f"`pixel_noise_rate`.")
         name = _check_name(f"{w}.name", item["name"], allnames)
-        level = corruption_level(w, name, item.get("severity"), item.get("rate"))
+        level = corruption_level(w, name, item.get("severity"), item.get("pixel_noise_rate", item.get("rate")))
         mix.append({"name": name, ("rate" if name in rate_names else "severity"): level})
     return mix
 
@@ -522,6 +547,9 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
     if not isinstance(options, dict):
         raise UserError(f"Spec key `dataset.options` must be a mapping, but got {options!r}.")
     for k in RUNNER_SET_DATA_OPTIONS:
+        if k in options and k.startswith("mismatch_"):
+            raise UserError(f"Spec key `dataset.options.{k}`: correspondence noise applies to the training pairs of "
+                             f"one entry (validation and test stay clean); set `entries[i].{k}` instead.")
         if k in options:
             raise UserError(
                 f"Spec key `dataset.options.{k}` is set by the runner (from `dataset.kind`, the entry's regime "
@@ -580,8 +608,24 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
             if not isinstance(val, dict):
                 raise UserError(f"Spec key `{w}.overrides.{sec}` must be a mapping, but got {val!r}.")
         _check_trainer(f"{w}.overrides.trainer", overrides.get("trainer", {}), check_devices)
-        entries.append(Entry(eid, method, config, regime, mix, None if frac is None else float(frac),
-                             copy.deepcopy(overrides), str(e.get("description", ""))))
+        small_loss = _check_small_loss(f"{w}.small_loss", e.get("small_loss"))
+        evaluate = _check_evaluate(f"{w}.evaluate", e.get("evaluate"))
+        rates, swept = _check_mismatch(w, e)
+        mseed = e.get("mismatch_seed", 0)
+        if isinstance(mseed, bool) or not isinstance(mseed, int) or mseed < 0:
+            raise UserError(f"Spec key `{w}.mismatch_seed` must be an integer >= 0 (which training captions are "
+                             f"mismatched), but got {mseed!r}.")
+        if "mismatch_seed" in e and not any(rates):
+            raise UserError(f"Spec key `{w}.mismatch_seed` applies only with a `mismatch_rate` above 0; remove it or "
+                             f"set `{w}.mismatch_rate`.")
+        for rate in rates:
+            rid = _mismatch_entry_id(eid, rate, mseed) if swept else eid
+            if rid in [x.id for x in entries]:
+                raise UserError(f"Spec key `{w}.id`: entry id {rid!r} is already used"
+                                 f"{' (by another sweep member)' if swept else ''}; give the entry another id.")
+            entries.append(Entry(rid, method, config, regime, mix, None if frac is None else float(frac),
+                                 copy.deepcopy(overrides), str(e.get("description", "")), rate,
+                                 int(mseed) if rate else 0, small_loss, evaluate))
 
     # seeds
     seeds = _check_list("seeds", data.get("seeds", [0]))
@@ -598,6 +642,10 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
         _check_name("baseline", baseline, ids)
 
     evaluation = _validate_evaluation(data["evaluation"], kind)
+    for i, x in enumerate(entries):
+        if x.evaluate is not None and not any(evaluation.get(k) for k in x.evaluate):
+            raise UserError(f"Spec key `evaluate` of entry {x.id!r} selects {_fmt(x.evaluate)}, none of which the "
+                             f"spec's `evaluation` grid enables; enable them there or change the entry's `evaluate`.")
 
     wandb_cfg = dict(_check_keys(data.get("wandb") or {}, "wandb", WANDB_KEYS))
 
@@ -608,11 +656,7 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
         "early_stopping": early,
         "seeds": list(seeds),
         "baseline": baseline,
-        "entries": [
-            {"id": x.id, "method": x.method, "config": x.config, "regime": x.regime, "corruption_mix": x.corruption_mix,
-             "augment_fraction": x.augment_fraction, "overrides": x.overrides}
-            for x in entries
-        ],
+        "entries": [_raw_entry(x) for x in entries],
         "evaluation": evaluation,
     }
     if data.get("imports"):  # recorded when given (specs without keep their hash)
@@ -620,6 +664,79 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
     return Spec(name, Path(path) if path is not None else None, str(data.get("description", "")), kind,
                 dict(options), entries, evaluation, list(seeds), baseline, trainer, wandb_cfg, copy.deepcopy(raw),
                 None if early is None else dict(early))
+
+
+def _raw_entry(x: Entry) -> dict[str, Any]:
+    """An entry as hashed: the options that are off (no mismatch, no small-loss selection, the whole grid) are left
+    out, so that entries written before these options existed keep their hash and their trained models."""
+    raw: dict[str, Any] = {"id": x.id, "method": x.method, "config": x.config, "regime": x.regime,
+                           "corruption_mix": x.corruption_mix, "augment_fraction": x.augment_fraction,
+                           "overrides": x.overrides}
+    if x.mismatch_rate:
+        raw.update(mismatch_rate=x.mismatch_rate, mismatch_seed=x.mismatch_seed)
+    if x.small_loss is not None:
+        raw["small_loss"] = x.small_loss
+    if x.evaluate is not None:
+        raw["evaluate"] = list(x.evaluate)
+    return raw
+
+
+def _mismatch_entry_id(base: str, rate: float, mismatch_seed: int) -> str:
+    """The id of one member of a `mismatch_rates` sweep: ``<id>-mis<rate>`` (``-mseed<k>`` with a mismatch seed
+    other than 0), so the rate and its seed name the run directory and the W&B run."""
+    return f"{base}-mis{rate:g}" + (f"-mseed{mismatch_seed}" if rate and mismatch_seed else "")
+
+
+def _check_mismatch(where: str, e: dict[str, Any]) -> tuple[list[float], bool]:
+    """(the entry's mismatch rates, whether it is a sweep): `mismatch_rate` (one model) or `mismatch_rates`
+    (one model per rate), each a fraction of training pairs in [0, 1)."""
+    from rcit_bench.data.noise import check_mismatch_rate
+
+    if "mismatch_rate" in e and "mismatch_rates" in e:
+        raise UserError(f"Spec key `{where}` gives both `mismatch_rate` (one model) and `mismatch_rates` (a sweep, "
+                         f"one model per rate); keep one.")
+    if "mismatch_rates" not in e:
+        return [check_mismatch_rate(e.get("mismatch_rate", 0.0), f"{where}.mismatch_rate")], False
+    rates = [check_mismatch_rate(r, f"{where}.mismatch_rates[{j}]")
+             for j, r in enumerate(_check_list(f"{where}.mismatch_rates", e["mismatch_rates"]))]
+    if len(set(rates)) != len(rates):
+        raise UserError(f"Spec key `{where}.mismatch_rates` has duplicates: {e['mismatch_rates']!r}.")
+    return rates, True
+
+
+def _check_small_loss(where: str, value: Any) -> bool | dict[str, Any] | None:
+    """`true` / `false` or a mapping of the small-loss selection's options (checked by the method)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return True
+    if isinstance(value, dict):
+        from rcit_bench.models.small_loss import check_small_loss_options
+
+        try:
+            check_small_loss_options(value)
+        except ValueError as err:
+            raise UserError(f"Spec key `{where}`: {err}") from None
+        return copy.deepcopy(value)
+    raise UserError(f"Spec key `{where}` must be true, false or a mapping of options (e.g. {{warmup_epochs: 1}}), "
+                     f"but got {value!r}.")
+
+
+def _check_evaluate(where: str, value: Any) -> list[str] | None:
+    """The cell kinds an entry is evaluated on, a subset of CELL_KINDS (None: the spec's whole grid)."""
+    if value is None:
+        return None
+    kinds = [_check_name(f"{where}[{i}]", k, CELL_KINDS) for i, k in enumerate(_check_list(where, value))]
+    return list(dict.fromkeys(kinds))
+
+
+def entry_family(spec: Spec, entry_id: str, small_loss: bool = True) -> str:
+    """Entries that differ only in their mismatch rate (and its seed, their id, description and evaluated cells)
+    share a family: one row of the leaderboard's correspondence-noise table. ``small_loss=False`` also ignores
+    the small-loss option, which pairs a defended row with its plain method."""
+    e = next(x for x in spec.raw["entries"] if x["id"] == entry_id)
+    ignored = {"id", "mismatch_rate", "mismatch_seed", "evaluate"} | (set() if small_loss else {"small_loss"})
+    return sha256_json({k: v for k, v in e.items() if k not in ignored})[:12]
 
 
 def _validate_early_stopping(value: Any) -> dict[str, Any] | None:
@@ -638,6 +755,10 @@ def _validate_early_stopping(value: Any) -> dict[str, Any] | None:
 
 
 def _validate_evaluation(ev: Any, dataset_kind: str) -> dict[str, Any]:
+    for k in ("mismatch_rate", "mismatch_rates") if isinstance(ev, dict) else ():
+        if k in ev:
+            raise UserError(f"Spec key `evaluation.{k}` ({ev[k]!r}): correspondence noise applies to training pairs "
+                             f"only; validation and test stay clean (as in NCR). Set `entries[i].{k}` instead.")
     _check_keys(ev, "evaluation", EVAL_KEYS)
     out: dict[str, Any] = {"clean": True, "imagenet_c": None, "rcit_protocol": None, "text": None,
                            "pointing_game": False}
@@ -657,19 +778,24 @@ def _validate_evaluation(ev: Any, dataset_kind: str) -> dict[str, Any]:
         sev = _check_levels("evaluation.imagenet_c.severities", ic.get("severities", [1, 2, 3, 4, 5]), SEVERITIES)
         out["imagenet_c"] = {"corruptions": list(dict.fromkeys(names)), "severities": sev}
     if ev.get("rcit_protocol"):
-        rc = _check_keys(ev["rcit_protocol"], "evaluation.rcit_protocol", RCIT_KEYS, required=("corruptions",))
+        rc = dict(_check_keys(ev["rcit_protocol"], "evaluation.rcit_protocol", RCIT_KEYS, required=("corruptions",)))
+        w = "evaluation.rcit_protocol"
+        for old, new in RCIT_OLD_SPELLINGS.items():
+            if old in rc and new in rc:
+                raise UserError(f"Spec key `{w}` gives both `{new}` and its older spelling `{old}`; keep `{new}`.")
+            if old in rc:
+                rc[new] = rc.pop(old)
         _, _, rate_names = known_corruptions()
-        names = [_check_name(f"evaluation.rcit_protocol.corruptions[{i}]", n, rate_names)
-                 for i, n in enumerate(_check_list("evaluation.rcit_protocol.corruptions", rc["corruptions"]))]
-        rates = [_check_rate(f"evaluation.rcit_protocol.rates[{i}]", r)
-                 for i, r in enumerate(_check_list("evaluation.rcit_protocol.rates", rc.get("rates", [0.6])))]
-        main = rc.get("main_rate", rates[0])
-        main = _check_rate("evaluation.rcit_protocol.main_rate", main)
+        names = [_check_name(f"{w}.corruptions[{i}]", n, rate_names)
+                 for i, n in enumerate(_check_list(f"{w}.corruptions", rc["corruptions"]))]
+        rates = [_check_rate(f"{w}.pixel_noise_rates[{i}]", r)
+                 for i, r in enumerate(_check_list(f"{w}.pixel_noise_rates", rc.get("pixel_noise_rates", [0.6])))]
+        main = _check_rate(f"{w}.main_pixel_noise_rate", rc.get("main_pixel_noise_rate", rates[0]))
         if main not in rates:
-            raise UserError(f"Spec key `evaluation.rcit_protocol.main_rate` must be one of the rates "
+            raise UserError(f"Spec key `{w}.main_pixel_noise_rate` must be one of the pixel noise rates "
                              f"{_fmt(rates)}, but got {main!r}.")
-        out["rcit_protocol"] = {"corruptions": list(dict.fromkeys(names)), "rates": sorted(set(rates)),
-                                "main_rate": main}
+        out["rcit_protocol"] = {"corruptions": list(dict.fromkeys(names)), "pixel_noise_rates": sorted(set(rates)),
+                                "main_pixel_noise_rate": main}
     if ev.get("text"):
         tx = _check_keys(ev["text"], "evaluation.text", TEXT_KEYS, required=("perturbations",))
         allowed = known_perturbations()

@@ -137,10 +137,11 @@ class _CaptionImageDataset(Dataset):
     """One item per caption with its image; training corruption decided per (seed, epoch, caption index)."""
 
     def __init__(self, store: _ImageStore, token_ids: list[list[int]], mode: str, mix: Sequence[dict],
-                 fraction: float, seed: int, scaling: str) -> None:
+                 fraction: float, seed: int, scaling: str, caption_to_image: torch.Tensor | None = None) -> None:
         self.store, self.token_ids, self.mode, self.mix = store, token_ids, mode, list(mix)
         self.fraction, self.seed, self.scaling = fraction, seed, scaling
-        self.c2i = store.split.caption_to_image.tolist()
+        # the pairing the model is given: the split's own, or a mismatched one (correspondence noise)
+        self.c2i = (store.split.caption_to_image if caption_to_image is None else caption_to_image).tolist()
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -265,6 +266,9 @@ class RetrievalDataModule(L.LightningDataModule):
             image size: 'image' (default: constants scaled by min(H, W) / 224, i.e. as on a 224 px image) or
             'published' (the 224 px constants as published, as the `imagecorruptions` package); see
             rcit_bench.data.corruptions. With 'image', pixelate at severities 1-3 is the identity at 64 px.
+        mismatch_rate / mismatch_seed: correspondence noise: exactly round(rate * N_cap) training captions are
+            paired with another image, chosen from `mismatch_seed` (rcit_bench.data.noise.mismatch_captions).
+            Only the training split; validation and test stay clean.
     """
 
     def __init__(
@@ -295,6 +299,8 @@ class RetrievalDataModule(L.LightningDataModule):
         cache_images: bool | None = None,
         skip_unreadable: bool = False,
         corruption_scaling: str = "image",
+        mismatch_rate: float = 0.0,
+        mismatch_seed: int = 0,
     ) -> None:
         super().__init__()
         info = dataset_info(dataset)
@@ -310,6 +316,11 @@ class RetrievalDataModule(L.LightningDataModule):
         for arg, value in (("limit_train", limit_train), ("limit_val", limit_val), ("limit_test", limit_test)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise UserError(f"Argument `{arg}` must be a positive integer or None, but got {value!r}.")
+        from rcit_bench.data.noise import check_mismatch_rate
+
+        mismatch_rate = check_mismatch_rate(mismatch_rate, "mismatch_rate")
+        if isinstance(mismatch_seed, bool) or not isinstance(mismatch_seed, int) or mismatch_seed < 0:
+            raise UserError(f"Argument `mismatch_seed` must be an integer >= 0, but got {mismatch_seed!r}.")
         if info.needs_json and (json_path is None or root is None):
             raise UserError(f"dataset={dataset!r} needs `json_path` (the Karpathy JSON) and `root` (the image root).")
         if root is None and info.default_root is None:
@@ -331,6 +342,8 @@ class RetrievalDataModule(L.LightningDataModule):
         self.cache_images = info.cache_images if cache_images is None else bool(cache_images)
         self.skip_unreadable = skip_unreadable
         self.corruption_scaling = corruption_scaling
+        self.mismatch_rate, self.mismatch_seed = mismatch_rate, int(mismatch_seed)
+        self._train_c2i: torch.Tensor | None = None
         self.corruption_mix: list[dict] = []
         if train_corruption != "clean":
             mix = list(corruption_mix) if corruption_mix is not None else [dict(d) for d in DEFAULT_CORRUPTION_MIX]
@@ -353,7 +366,7 @@ class RetrievalDataModule(L.LightningDataModule):
     #: options that change only how training data is drawn and batched: two datamodules differing only in these
     #: deliver the very same test images, so the runner corrupts a cell's test images once for both
     TRAINING_ONLY_OPTIONS = ("train_corruption", "corruption_mix", "augment_fraction", "batch_size",
-                             "eval_batch_size", "num_workers")
+                             "eval_batch_size", "num_workers", "mismatch_rate", "mismatch_seed")
 
     def test_data_key(self) -> str:
         """A key equal for datamodules that deliver identical test images (see TRAINING_ONLY_OPTIONS)."""
@@ -403,6 +416,32 @@ class RetrievalDataModule(L.LightningDataModule):
     def caption_to_image(self, split: str) -> torch.Tensor:
         """LongTensor (N_cap,) image index of each caption of `split`."""
         return self.split(split).caption_to_image.clone()
+
+    def training_caption_to_image(self, split: str = "train") -> torch.Tensor:
+        """LongTensor (N_cap,) of the image each training caption is paired with: the split's own index, or with
+        ``mismatch_rate`` > 0 the mismatched one (fixed for the whole training). Only 'train' has one: validation
+        and test stay clean, so asking for another split is an error."""
+        if split != "train":
+            raise UserError(f"`mismatch_rate` {self.mismatch_rate!r} applies to the training split only, but split "
+                            f"{split!r} was asked for; validation and test stay clean (as in NCR).")
+        if self._train_c2i is None:
+            from rcit_bench.data.noise import mismatch_captions
+
+            self._train_c2i = mismatch_captions(self.split("train").caption_to_image, self.mismatch_rate,
+                                                self.mismatch_seed)
+        return self._train_c2i.clone()
+
+    def mismatched_captions(self) -> torch.Tensor:
+        """BoolTensor (N_cap_train,): True where a training caption is paired with another image than its own."""
+        return self.training_caption_to_image() != self.split("train").caption_to_image
+
+    def mismatch_record(self) -> dict[str, Any]:
+        """What a result file records of the correspondence noise: the nominal rate, the actual fraction of
+        training captions paired with another image, the seed, and the counts."""
+        moved = self.mismatched_captions()
+        return {"mismatch_rate": self.mismatch_rate, "mismatch_actual": float(moved.double().mean()) if len(moved) else 0.0,
+                "mismatch_seed": self.mismatch_seed, "mismatched_captions": int(moved.sum()),
+                "train_captions": int(len(moved)), "split": "train"}
 
     def _store(self, split: str) -> _ImageStore:
         if split not in self._stores:
@@ -458,7 +497,8 @@ class RetrievalDataModule(L.LightningDataModule):
         """Shuffled captions with their images; batch dict images/tokens/lengths/image_index/caption_index
         (+ corrupted_images in 'paired' mode)."""
         ds = _CaptionImageDataset(self._store("train"), self._token_ids("train"), self.train_corruption,
-                                  self.corruption_mix, self.augment_fraction, self.seed, self.corruption_scaling)
+                                  self.corruption_mix, self.augment_fraction, self.seed, self.corruption_scaling,
+                                  caption_to_image=self.training_caption_to_image())
         self._train_sampler = _EpochSampler(len(ds), self.seed, shuffle=True)
         return self._loader(ds, self.batch_size, _Collate(_collate_caption_image, self.pad_id), self._train_sampler,
                             persistent=True)
