@@ -188,7 +188,7 @@ def test_plain_lines_off_a_terminal_and_the_final_report(tmp_path: Path, monkeyp
     report = [r.getMessage() for r in caplog.records if r.getMessage().startswith("spec smoke done")][0]
     lines = report.splitlines()
     assert lines[0].startswith("spec smoke done in") and lines[0].endswith("10 cells evaluated, 0 already done, 0 failed")
-    assert lines[1].split() == ["entry", "clean", "RSUM", "mean", "corrupted", "RSUM", "RCIT", "RSUM", "(rate", "0.6)",
+    assert lines[1].split() == ["entry", "clean", "RSUM", "mean", "corrupted", "RSUM", "RCIT", "RSUM", "(pixel", "noise", "rate", "0.6)",
                                 "failed", "cells"]
     # the fakes' metrics: every cell of an entry has the same RSUM, so each column shows it
     rec = json.loads((tmp_path / "smoke" / "rcit" / "seed0" / "clean.json").read_text())

@@ -57,6 +57,9 @@ class Fakes:
             def test_data_key(self) -> str:
                 return "same test images"
 
+            def mismatch_record(self) -> dict[str, Any]:
+                return {"mismatch_rate": 0.0, "mismatch_actual": 0.0}
+
             def image_loader(self, split: str, corruption: Any = None, severity: Any = None, rate: Any = None) -> list:
                 fakes.image_loads.append((corruption, severity, rate))
                 return [{"images": None, "image_index": None}]

@@ -61,7 +61,7 @@ def test_valid_spec_expands_grid(names: None) -> None:
     assert ids == expected
     mm = [c.id for c in sp.cells("mm")]
     assert mm[-3:] == ["pg-clean", "pg-speckle-r0.6", "pg-salt_pepper-r0.6"]  # main rate defaults to first given
-    assert sp.evaluation["rcit_protocol"]["main_rate"] == 0.6
+    assert sp.evaluation["rcit_protocol"]["main_pixel_noise_rate"] == 0.6
     cell = next(c for c in sp.cells("mm") if c.id == "rcit-speckle-r0.2")
     assert (cell.kind, cell.corruption, cell.rate, cell.severity) == ("rcit", "speckle", 0.2, None)
 
@@ -106,7 +106,7 @@ def _mutate(path: list, value: object, delete: bool = False) -> dict:
          r"`evaluation\.imagenet_c\.severities\[1\]` must be one of 1, 2, 3, 4, 5, but got 6"),
         (["evaluation", "rcit_protocol", "corruptions", 0], "speckle_noise",
          r"`evaluation\.rcit_protocol\.corruptions\[0\]` must be one of 'speckle', 'salt_pepper'.*Did you mean 'speckle'"),
-        (["evaluation", "rcit_protocol", "rates", 1], 1.5, r"`evaluation\.rcit_protocol\.rates\[1\]` must be a noise rate"),
+        (["evaluation", "rcit_protocol", "rates", 1], 1.5, r"`evaluation\.rcit_protocol\.rates\[1\]` must be a pixel noise rate"),
         (["evaluation", "text", "perturbations", 0], "char_typos", r"`evaluation\.text\.perturbations\[0\]`.*Did you mean 'char_typo'"),
         (["evaluation", "text", "levels"], [0], r"`evaluation\.text\.levels\[0\]` must be one of 1, 2, 3, 4, 5, but got 0"),
         (["entries", 1, "corruption_mix", 0, "name"], "speckel", r"`entries\[1\]\.corruption_mix\[0\]\.name`.*Did you mean 'speckle'"),
@@ -181,10 +181,18 @@ def test_shipped_specs_validate(name: str) -> None:
         assert {e.method for e in sp.entries} == {"vsepp", "rcit", "miie", "matchmap", "vsrpp"}
         assert len(sp.evaluation["imagenet_c"]["corruptions"]) == 19
         assert sp.evaluation["imagenet_c"]["severities"] == [1, 3, 5]
-        assert sp.evaluation["rcit_protocol"]["rates"] == [0.2, 0.4, 0.6]
-        assert sp.evaluation["rcit_protocol"]["main_rate"] == 0.6
+        assert sp.evaluation["rcit_protocol"]["pixel_noise_rates"] == [0.2, 0.4, 0.6]
+        assert sp.evaluation["rcit_protocol"]["main_pixel_noise_rate"] == 0.6
         aug = [e for e in sp.entries if e.method == "vsepp" and e.regime == "augment"]
         assert aug and {m["name"] for m in aug[0].corruption_mix} == {"speckle", "salt_pepper"}
+    if name in ("quick", "flickr30k", "coco"):  # the correspondence-noise axis: VSE++ and RCIT under mismatched pairs
+        rates = {(e.method, bool(e.small_loss)): set() for e in sp.entries}
+        for e in sp.entries:
+            rates[(e.method, bool(e.small_loss))].add(e.mismatch_rate)
+        expected = {0.2, 0.5} if name == "quick" else {0.2, 0.5, 0.8}
+        assert rates[("vsepp", False)] >= expected | {0.0} and rates[("rcit", False)] >= expected | {0.0}
+        assert rates[("vsepp", True)] == ({0.5} if name == "quick" else expected)
+        assert all(e.evaluate == ["clean"] for e in sp.entries if e.mismatch_rate)
     if name in ("flickr30k", "coco"):
         assert sp.seeds == [0, 1, 2]
         assert sp.evaluation["imagenet_c"]["severities"] == [1, 2, 3, 4, 5]

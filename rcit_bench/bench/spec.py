@@ -780,20 +780,23 @@ def _validate_evaluation(ev: Any, dataset_kind: str) -> dict[str, Any]:
     if ev.get("rcit_protocol"):
         rc = dict(_check_keys(ev["rcit_protocol"], "evaluation.rcit_protocol", RCIT_KEYS, required=("corruptions",)))
         w = "evaluation.rcit_protocol"
+        spelled = {}  # errors name the key as the spec spells it
         for old, new in RCIT_OLD_SPELLINGS.items():
             if old in rc and new in rc:
                 raise UserError(f"Spec key `{w}` gives both `{new}` and its older spelling `{old}`; keep `{new}`.")
+            spelled[new] = old if old in rc else new
             if old in rc:
                 rc[new] = rc.pop(old)
         _, _, rate_names = known_corruptions()
         names = [_check_name(f"{w}.corruptions[{i}]", n, rate_names)
                  for i, n in enumerate(_check_list(f"{w}.corruptions", rc["corruptions"]))]
-        rates = [_check_rate(f"{w}.pixel_noise_rates[{i}]", r)
-                 for i, r in enumerate(_check_list(f"{w}.pixel_noise_rates", rc.get("pixel_noise_rates", [0.6])))]
-        main = _check_rate(f"{w}.main_pixel_noise_rate", rc.get("main_pixel_noise_rate", rates[0]))
+        key, main_key = f"{w}.{spelled['pixel_noise_rates']}", f"{w}.{spelled['main_pixel_noise_rate']}"
+        rates = [_check_rate(f"{key}[{i}]", r)
+                 for i, r in enumerate(_check_list(key, rc.get("pixel_noise_rates", [0.6])))]
+        main = _check_rate(main_key, rc.get("main_pixel_noise_rate", rates[0]))
         if main not in rates:
-            raise UserError(f"Spec key `{w}.main_pixel_noise_rate` must be one of the pixel noise rates "
-                             f"{_fmt(rates)}, but got {main!r}.")
+            raise UserError(f"Spec key `{main_key}` must be one of the pixel noise rates {_fmt(rates)}, but got "
+                             f"{main!r}.")
         out["rcit_protocol"] = {"corruptions": list(dict.fromkeys(names)), "pixel_noise_rates": sorted(set(rates)),
                                 "main_pixel_noise_rate": main}
     if ev.get("text"):
