@@ -161,6 +161,8 @@ def test_evaluate_narrows_the_grid_without_changing_the_model(tmp_path: Path) ->
     ({}, None, {"mismatch_rate": 0.2}, r"`dataset.options.mismatch_rate`: correspondence noise applies to the "
                                        r"training pairs of one entry"),
     ({"small_loss": "yes"}, None, None, r"`entries\[0\].small_loss` must be true, false or a mapping"),
+    ({"small_loss": {"warmup": 1}}, None, None, r"Unknown key 'warmup' in argument `entries\[0\].small_loss`.*"
+                                                r"Did you mean 'warmup_epochs'"),
 ])
 def test_bad_noise_keys_are_named(tmp_path: Path, entry: dict, evaluation: dict | None, options: dict | None,
                                   message: str) -> None:

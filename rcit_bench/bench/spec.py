@@ -711,12 +711,9 @@ def _check_small_loss(where: str, value: Any) -> bool | dict[str, Any] | None:
     if value is True:
         return True
     if isinstance(value, dict):
-        from rcit_bench.models.small_loss import check_small_loss_options
+        from rcit_bench.models.small_loss import small_loss_options
 
-        try:
-            check_small_loss_options(value)
-        except ValueError as err:
-            raise UserError(f"Spec key `{where}`: {err}") from None
+        small_loss_options(value, where)  # a bad key or value names the spec key
         return copy.deepcopy(value)
     raise UserError(f"Spec key `{where}` must be true, false or a mapping of options (e.g. {{warmup_epochs: 1}}), "
                      f"but got {value!r}.")
