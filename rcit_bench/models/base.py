@@ -18,6 +18,16 @@ Hooks for method authors (override what differs, keep the signatures):
 - ``compute_loss(batch) -> (loss, logs)``: default bidirectional triplet on ``similarity`` of the
   batch (hardest negative, sum over negatives during the first ``warmup_epochs``). ``logs`` values
   are logged as ``train/<key>``.
+- ``self.triplet(sims, pairs=True)``: the triplet every method calls on its in-batch (B, B) matrix. With
+  ``small_loss`` (robust training against mismatched training pairs, rcit_bench.models.small_loss) it becomes
+  ``sum_i w_i * loss_i`` over the batch's pairs, ``w_i`` the clean posterior of caption ``caption_index[i]``
+  from a two-component Gaussian mixture fitted on the per-pair losses at the end of every epoch after
+  ``small_loss.warmup_epochs`` (1 until then), and records the per-pair losses (the mean over the calls of a
+  step, e.g. RCIT's corrupted and clean image vs text). Pass ``pairs=False`` for a triplet whose pairs are
+  true by construction (RCIT's corrupted vs clean image): never weighted, never recorded. Only ``self.triplet``
+  is weighted: MIIE's modality classifier, Matchmap's sampled-impostor loss and VSR++'s caption NLL stay
+  unweighted. Without ``small_loss``, ``self.triplet`` is the plain summed triplet.
+  ``small_loss_posterior()`` gives (p_clean, seen) per training caption for a runner that scores the selection.
 - ``extra_param_groups()``: optional extra optimizer groups; ``backbone_parameters()`` are the image
   backbone parameters scaled by ``backbone_lr_mult`` (0 freezes them).
 - ``needs_paired_views`` / ``localizes`` (class attributes, default False): what the method needs from the
@@ -71,6 +81,26 @@ def encoder_config(cfg: str | dict[str, Any], arg: str) -> tuple[str, dict[str, 
     raise UserError(f"Argument `{arg}` must be a name or a mapping with a `name` key, but got {cfg!r}.")
 
 
+def _gather_pairs(ids: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    """Every rank's (ids, losses) of this step concatenated in rank order (unchanged in one process); ranks may
+    hold different numbers of pairs."""
+    from rcit_bench.distributed import _gather_padded, is_distributed
+
+    if not is_distributed():
+        return ids, losses
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    packed = torch.stack([ids.double(), losses.double()], dim=1)  # (B, 2): caption ids are exact in float64
+    count = torch.tensor([packed.shape[0]], device=packed.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    parts = _gather_padded(packed, max(sizes), world)
+    packed = torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    return packed[:, 0].long(), packed[:, 1].float()
+
+
 class RetrievalModule(L.LightningModule):
     """Shared encoders + similarity + triplet training + retrieval validation (see module docstring)."""
 
@@ -100,6 +130,7 @@ class RetrievalModule(L.LightningModule):
         backbone_lr_mult: float = 1.0,
         memory_budget_mb: float = 512.0,
         data_config: dict[str, Any] | None = None,
+        small_loss: bool | dict[str, Any] | None = None,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -117,7 +148,15 @@ class RetrievalModule(L.LightningModule):
                 f"Unknown argument(s) {sorted(unused)} for method {self.method_name!r}; valid: {valid}."
                 f"{did_you_mean(bad, valid)}"
             )
+        from rcit_bench.models.small_loss import SmallLossSelector, small_loss_options
+
+        small_opts = small_loss_options(small_loss, "small_loss")
         self.save_hyperparameters()
+        #: small-loss selection (None when off); its state travels in checkpoints under "small_loss"
+        self.small_loss_selector: SmallLossSelector | None = (
+            SmallLossSelector(**small_opts) if small_opts is not None else None)
+        self._pair_ids: Tensor | None = None  # caption_index of the training batch, while compute_loss runs
+        self._pair_losses: list[Tensor] = []  # per-pair triplet losses of this step's pairs=True calls
         img_name, img_kw = encoder_config(image_encoder, "image_encoder")
         txt_name, txt_kw = encoder_config(text_encoder, "text_encoder")
         self.image_encoder = build_image_encoder(img_name, embed_dim=embed_dim, **img_kw)
@@ -178,11 +217,28 @@ class RetrievalModule(L.LightningModule):
             return 0.0
         return float(min(1.0, max(0.0, (trainer.global_step - start) / (total - start))))
 
-    def triplet(self, sims: Tensor) -> Tensor:
-        """Bidirectional triplet ranking loss on a square (B, B) matrix, positives on the diagonal."""
+    def triplet(self, sims: Tensor, pairs: bool = True) -> Tensor:
+        """Bidirectional triplet ranking loss on a square (B, B) matrix, positives on the diagonal.
+
+        `pairs`: the diagonal holds the batch's (image, caption) training pairs, which may be mismatched; with
+        ``small_loss`` they are weighted by their clean posterior and their losses recorded (see the module
+        docstring). False: the positives are true by construction (e.g. an image and its corrupted copy), so the
+        loss is never weighted nor recorded.
+        """
         from rcit_bench.models.losses import triplet_ranking_loss
 
-        return triplet_ranking_loss(sims, margin=float(self.hparams.margin), max_violation=self.use_max_violation())
+        margin, hardest = float(self.hparams.margin), self.use_max_violation()
+        ids = self._pair_ids
+        if self.small_loss_selector is None or not pairs or ids is None:
+            return triplet_ranking_loss(sims, margin=margin, max_violation=hardest)
+        per_pair = triplet_ranking_loss(sims, margin=margin, max_violation=hardest, reduction="none")  # (B,)
+        if per_pair.shape[0] != ids.numel():
+            raise ValueError(f"small_loss: the similarity matrix holds {per_pair.shape[0]} pairs but the batch has "
+                             f"{ids.numel()} `caption_index` values; `self.triplet(sims)` with pairs=True needs the "
+                             f"batch's (image, caption) pairs on the diagonal (pass pairs=False otherwise).")
+        self._pair_losses.append(per_pair.detach())
+        weights = self.small_loss_selector.weights(ids).to(device=per_pair.device, dtype=per_pair.dtype)
+        return (weights * per_pair).sum()
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Default: triplet loss on the in-batch similarity of images and captions."""
@@ -192,13 +248,72 @@ class RetrievalModule(L.LightningModule):
         return loss, {"triplet": loss.detach()}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, logs = self.compute_loss(batch)
-        self.check_finite(loss)
+        if self.small_loss_selector is None:
+            loss, logs = self.compute_loss(batch)
+            self.check_finite(loss)
+        else:
+            ids = batch.get("caption_index")
+            if ids is None:
+                raise UserError(f"Method {self.method_name!r} with `small_loss` needs training batches with "
+                                 f"`caption_index` (which caption each pair is), as RetrievalDataModule's "
+                                 f"train_dataloader gives; this batch has {sorted(batch)}.")
+            self._pair_ids, self._pair_losses = ids, []
+            try:
+                loss, logs = self.compute_loss(batch)
+            finally:
+                self._pair_ids = None
+            self.check_finite(loss)
+            self._record_pair_losses(ids)
         bs = int(batch["tokens"].shape[0])
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         for key, value in logs.items():
             self.log(f"train/{key}", value, batch_size=bs)
         return loss
+
+    # ------------------------------------------------------------------------------------ small-loss selection
+    def _record_pair_losses(self, ids: Tensor) -> None:
+        """Hand this step's per-pair losses (mean over the step's pairs=True triplets) to the selector; under DDP
+        every rank records every rank's pairs, so all ranks fit the same mixture and any rank's checkpoint
+        holds the whole record."""
+        calls, self._pair_losses = self._pair_losses, []
+        if not calls or self.small_loss_selector is None:
+            return
+        losses = torch.stack(calls).float().mean(dim=0)  # (B,)
+        ids, losses = _gather_pairs(ids.to(losses.device), losses)
+        self.small_loss_selector.record(ids, losses, self.current_epoch)
+
+    def on_train_epoch_start(self) -> None:
+        """Make a fit the previous epoch owed before this epoch's steps use it: a run resumed from a checkpoint
+        written after that epoch's last step but before its ``on_train_epoch_end`` (ModelCheckpoint saving on
+        validation end, e.g. with ``check_val_every_n_epoch`` > 1 or ``val_check_interval`` < 1)."""
+        if self.small_loss_selector is not None:
+            self.small_loss_selector.catch_up(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        """Fit the small-loss mixture on this epoch's per-pair losses (after the warm-up) for the next epoch."""
+        sel = self.small_loss_selector
+        if sel is None:
+            return
+        sel.end_epoch(self.current_epoch)
+        summary = sel.summary()
+        self.log("train/small_loss_clean_fraction", summary["clean_fraction"], sync_dist=False)
+        self.log("train/small_loss_mean_weight", summary["mean_weight"], sync_dist=False)
+
+    def small_loss_posterior(self) -> tuple[Tensor, Tensor] | None:
+        """(p_clean, seen), both (N,) over the training captions indexed so far (``caption_index`` < N): the clean
+        posterior of the last mixture fit (1 before any) and which captions have a recorded loss. None without
+        ``small_loss``. Score it with rcit_bench.models.small_loss.selection_quality."""
+        if self.small_loss_selector is None:
+            return None
+        return self.small_loss_selector.posterior()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.small_loss_selector is not None:
+            checkpoint["small_loss"] = self.small_loss_selector.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.small_loss_selector is not None and "small_loss" in checkpoint:
+            self.small_loss_selector.load_state_dict(checkpoint["small_loss"])
 
     def check_finite(self, loss: Tensor) -> None:
         """Stop training on a NaN/inf loss with a message that says where and what to do."""

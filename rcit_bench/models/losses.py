@@ -13,14 +13,22 @@ from torch import Tensor
 
 from rcit_bench.models.layers import lengths_to_mask
 
+#: what :func:`triplet_ranking_loss` returns: 'sum' over the batch (VSE++, the default) or 'none' (one loss per pair)
+TRIPLET_REDUCTIONS = ("sum", "none")
 
-def triplet_ranking_loss(sims: Tensor, margin: float = 0.2, max_violation: bool = True) -> Tensor:
+
+def triplet_ranking_loss(sims: Tensor, margin: float = 0.2, max_violation: bool = True,
+                         reduction: str = "sum") -> Tensor:
     """VSE++ bidirectional hinge loss on a square similarity matrix with matching pairs on the diagonal.
 
     ``cost_t[i, j] = [margin + S[i, j] - S[i, i]]+`` (row i's anchor vs other columns),
     ``cost_i[i, j] = [margin + S[i, j] - S[j, j]]+`` (column j's anchor vs other rows), diagonal set to 0.
     ``max_violation`` keeps only the hardest negative (max of each row of cost_t and each column of cost_i);
     otherwise all negatives are summed. The result is summed over the batch (not averaged), as in VSE++.
+
+    ``reduction="none"`` returns the (B,) loss of each pair instead: pair i's row-anchor term (row i of cost_t)
+    plus its column-anchor term (column i of cost_i), so the per-pair losses sum to the ``"sum"`` result (up to
+    float rounding). Small-loss selection (rcit_bench.models.small_loss) ranks pairs by it.
 
     Works for any square matrix, e.g. (image, text) or (corrupted image, clean image) as in RCIT.
     """
@@ -31,12 +39,20 @@ def triplet_ranking_loss(sims: Tensor, margin: float = 0.2, max_violation: bool 
         )
     if sims.shape[0] == 0:
         raise ValueError("Argument `sims` must not be empty.")
+    if reduction not in TRIPLET_REDUCTIONS:
+        raise ValueError(f"Argument `reduction` must be one of {', '.join(map(repr, TRIPLET_REDUCTIONS))}, but got "
+                         f"{reduction!r}; use 'none' for the (B,) per-pair losses.")
     diag = sims.diagonal().unsqueeze(1)  # (B, 1)
     cost_t = (margin + sims - diag).clamp(min=0)  # (B, B) row anchors
     cost_i = (margin + sims - diag.t()).clamp(min=0)  # (B, B) column anchors
     eye = torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device)
     cost_t = cost_t.masked_fill(eye, 0)
     cost_i = cost_i.masked_fill(eye, 0)
+    if reduction == "none":
+        if max_violation:
+            return cost_t.max(dim=1).values + cost_i.max(dim=0).values
+        return cost_t.sum(dim=1) + cost_i.sum(dim=0)
+    # "sum": the very expressions used before `reduction` existed, so every method's loss stays bit-identical
     if max_violation:
         return cost_t.max(dim=1).values.sum() + cost_i.max(dim=0).values.sum()
     return cost_t.sum() + cost_i.sum()

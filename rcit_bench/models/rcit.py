@@ -47,7 +47,7 @@ class RCIT(RetrievalModule):
         l_ci_t = self.triplet(self.similarity(cimg, txt))
         l_i_t = self.triplet(self.similarity(img, txt))
         # (CI, I): same square-diagonal triplet, the clean image plays the caption's role.
-        l_ci_i = self.triplet(cosine_sim(cimg["global"], img["global"]))
+        l_ci_i = self.triplet(cosine_sim(cimg["global"], img["global"]), pairs=False)
         hp = self.hparams
         loss = hp.weight_ci_t * l_ci_t + hp.weight_i_t * l_i_t + hp.weight_ci_i * l_ci_i
         return loss, {"loss_ci_t": l_ci_t.detach(), "loss_i_t": l_i_t.detach(), "loss_ci_i": l_ci_i.detach()}
