@@ -240,3 +240,17 @@ def test_preflight_refuses_a_mismatch_rate_with_one_training_image(tmp_path: Pat
     with pytest.raises(UserError, match=r"entry `v` \(mismatch_rate 0.5\): `mismatch_rate` 0.5 needs at least two "
                                         r"images to move captions between, but the split has 1"):
         preflight(spec, spec.entries)
+
+
+def test_the_mismatch_rate_and_its_seed_name_the_wandb_run(tmp_path: Path) -> None:
+    from rcit_bench.bench.runner import _wandb_run, wandb_run_id
+
+    base = {"id": "v", "method": "vsepp", "overrides": TINY_MODEL}
+    spec = _spec(tmp_path, [{**base, "id": "sweep", "mismatch_rates": [0.2]},
+                            {**base, "id": "one", "mismatch_rate": 0.5, "mismatch_seed": 2, "small_loss": True}])
+    names = {}
+    for e in spec.entries:
+        run = _wandb_run(spec, e, 0, tmp_path, False, wandb_run_id(spec.name, spec.entry_hash(e.id), 0), {}, "h")
+        names[e.id] = (run.name, run.tags)
+    assert names["sweep-mis0.2"] == ("nc-sweep-mis0.2-mseed0-seed0", ["nc", "vsepp", "clean", "mismatch0.2"])
+    assert names["one"] == ("nc-one-mis0.5-mseed2-seed0", ["nc", "vsepp", "clean", "mismatch0.5", "small_loss"])
