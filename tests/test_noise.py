@@ -254,3 +254,26 @@ def test_the_mismatch_rate_and_its_seed_name_the_wandb_run(tmp_path: Path) -> No
         names[e.id] = (run.name, run.tags)
     assert names["sweep-mis0.2"] == ("nc-sweep-mis0.2-mseed0-seed0", ["nc", "vsepp", "clean", "mismatch0.2"])
     assert names["one"] == ("nc-one-mis0.5-mseed2-seed0", ["nc", "vsepp", "clean", "mismatch0.5", "small_loss"])
+
+
+def test_unit_costs_are_measured_once_per_family(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweep members differ only in which captions are mismatched: one measurement serves the family (with the same
+    kinds of cells), the cached costs still carry each member's own entry hash."""
+    from rcit_bench.bench import costs as C
+
+    base = {"method": "vsepp", "overrides": TINY_MODEL}
+    spec = _spec(tmp_path, [{"id": "v", **base}, {"id": "nc", "mismatch_rates": [0.2, 0.5], "evaluate": ["clean"], **base},
+                            {"id": "full", "mismatch_rate": 0.5, **base}],
+                 {"clean": True, "rcit_protocol": {"corruptions": ["speckle"], "pixel_noise_rates": [0.6]}})
+    measured: list[str] = []
+
+    def fake(spec_: object, entry: object, seed: int) -> tuple[object, None]:
+        measured.append(entry.id)  # type: ignore[attr-defined]
+        return C.EntryCosts(setup_s=1, step_s=0.1, val_s=1, caption_s=1, image_cell_s=1, text_cell_s=0, pointing_s=0,
+                            fit_overhead_s=1, batches_per_epoch=3, entry_hash=spec.entry_hash(entry.id)), None  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(C, "_measure_entry", fake)
+    monkeypatch.setattr(C, "_grid_corruptions", lambda spec_, entries: [])
+    costs = C.measure_unit_costs(spec, spec.entries, use_wandb=False)
+    assert measured == ["v", "nc-mis0.2"]  # `full` has v's model and cells, nc-mis0.5 nc-mis0.2's
+    assert {k: c.entry_hash for k, c in costs.entries.items()} == {e.id: spec.entry_hash(e.id) for e in spec.entries}

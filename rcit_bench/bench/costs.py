@@ -292,13 +292,24 @@ def measure_unit_costs(spec: Any, entries: list[Any], seed: int = 0, progress: A
     from rcit_bench.bench import runner
     from rcit_bench.data.datamodule import RetrievalDataModule
 
+    from dataclasses import replace
+
+    from rcit_bench.bench.spec import entry_family
+
     t0 = time.perf_counter()
     costs = UnitCosts(machine=machine_key())
     dm = None
+    # entries that differ only in their mismatch rate (same model, data, budget and kinds of cells) cost the same
+    by_family: dict[tuple[str, tuple[str, ...]], EntryCosts] = {}
     for i, e in enumerate(entries):
+        family = (entry_family(spec, e.id), tuple(sorted({c.kind for c in spec.cells(e)})))
+        if family in by_family:
+            costs.entries[e.id] = replace(by_family[family], entry_hash=spec.entry_hash(e.id))
+            continue
         if progress is not None:
             progress(f"measuring unit costs: entry {i + 1}/{len(entries)} {e.id}")
         costs.entries[e.id], dm = _measure_entry(spec, e, seed)
+        by_family[family] = costs.entries[e.id]
     names = _grid_corruptions(spec, entries)
     if names and entries:
         composed = runner.composed_config(spec, entries[0], seed, runner.method_config(spec, entries[0]))
