@@ -35,6 +35,7 @@ _BUILTIN_METHOD_MODULES = (
     "rcit_bench.models.miie",
     "rcit_bench.models.matchmap",
     "rcit_bench.models.vsrpp",
+    "rcit_bench.models.hf_dual",
 )
 _BUILTIN_ENCODER_MODULES = ("rcit_bench.models.encoders",)
 
