@@ -319,6 +319,24 @@ def _check_keys(obj: Any, where: str, allowed: Iterable[str], required: Iterable
     return obj
 
 
+def _check_method(where: str, value: Any, methods: list[str], spec_dir: Path | None) -> str:
+    """A registered method, an installed plugin's, or ``package.module:ClassName`` in the user's code (importable,
+    or a module in the spec's folder), whose class is a RetrievalModule; errors name the spec key and the cause."""
+    if not isinstance(value, str) or ":" not in value:
+        _check_name(where, value, methods)
+    import sys
+
+    if ":" in value and spec_dir is not None and str(spec_dir) not in sys.path:
+        top = value.split(":", 1)[0].split(".")[0]
+        if (spec_dir / top).is_dir() or (spec_dir / f"{top}.py").is_file():  # the user's code next to the spec
+            sys.path.append(str(spec_dir))
+    try:
+        method_class(value)
+    except UserError as err:
+        raise UserError(f"Spec key `{where}`: {err}") from err.__cause__
+    return value
+
+
 def _check_name(where: str, value: Any, choices: Iterable[str]) -> str:
     choices = list(choices)
     if value not in choices:
@@ -576,7 +594,7 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
             raise UserError(f"Spec key `{w}.id` must be an identifier (letters, digits, _ . -), but got {eid!r}.")
         if eid in [x.id for x in entries]:
             raise UserError(f"Spec key `{w}.id`: duplicate entry id {eid!r}.")
-        method = _check_name(f"{w}.method", e["method"], methods)
+        method = _check_method(f"{w}.method", e["method"], methods, spec_dir)
         regime = _check_name(f"{w}.regime", e.get("regime", "clean"), REGIMES)
         cls = method_class(method)
         zero_shot = bool(getattr(cls, "zero_shot", False))
@@ -609,6 +627,9 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
         frac = e.get("augment_fraction")
         if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1):
             raise UserError(f"Spec key `{w}.augment_fraction` must be a number in [0, 1], but got {frac!r}.")
+        if ":" in method and not e.get("config"):
+            raise UserError(f"Spec key `{w}.config` is required for a method in your own code ({method!r}): a YAML "
+                             f"file next to the spec with `method: {method}` and its `model` / `optim` arguments.")
         config = e.get("config") or method
         if not isinstance(config, str):
             raise UserError(f"Spec key `{w}.config` must be a config name or .yaml path, but got {config!r}.")
