@@ -111,7 +111,7 @@ def test_registered_method_tiny(name: str) -> None:
 def test_tiny_configs_cover_registry() -> None:
     expected = {"vsepp", "rcit", "miie", "matchmap", "vsrpp"}  # written here, not read from the registry
     assert set(TINY_CONFIGS) == expected  # every trained method; the zero-shot one needs pretrained files
-    assert set(list_methods()) == expected | {"hf_dual_encoder"}
+    assert set(list_methods()) == expected | {"hf_dual_encoder", "open_clip"}
 
 
 def test_methods_declare_their_data_needs() -> None:
@@ -119,6 +119,7 @@ def test_methods_declare_their_data_needs() -> None:
     expected = {  # name: (needs_paired_views, localizes, zero_shot)
         "vsepp": (False, False, False), "rcit": (True, False, False), "miie": (False, False, False),
         "matchmap": (False, True, False), "vsrpp": (False, False, False), "hf_dual_encoder": (False, False, True),
+        "open_clip": (False, False, True),
     }
     got = {name: (get_method_class(name).needs_paired_views, get_method_class(name).localizes,
                   get_method_class(name).zero_shot) for name in list_methods()}

@@ -260,7 +260,7 @@ class RetrievalDataModule(L.LightningDataModule):
         n_train / n_val / n_test / synthetic_seed: size and generation seed of the synthetic set (the data does
             not change with the training `seed`).
         text_encoder: 'vocab' (word vocabulary from the training split), a local Hugging Face tokenizer path, or
-            ``{path: <dir or hub id>, local_files_only: bool}``. A method with its own tokenizer (``tokenizer_for``,
+            ``{path: <dir or hub id>, local_files_only: bool}``, or ``{open_clip: <arch>, model_config: <json>}``. A method with its own tokenizer (``tokenizer_for``,
             e.g. a pretrained dual encoder) sets this itself through the runner.
         limit_train / limit_val / limit_test: keep the first N images (and their captions) for tiny runs.
         cache_images: decode all images once into memory as uint8 (default: as the dataset registers; synthetic).
@@ -457,6 +457,10 @@ class RetrievalDataModule(L.LightningDataModule):
             name = self.text_encoder_name
             if name == "vocab":
                 self._encoder = Vocabulary.build(self.split("train").tokens, min_count=self.vocab_min_count)
+            elif isinstance(name, dict) and "open_clip" in name:
+                from rcit_bench.models.open_clip_model import OpenClipTokenizer
+
+                self._encoder = OpenClipTokenizer(name["open_clip"], name.get("model_config"))
             elif isinstance(name, dict):
                 if set(name) - {"path", "local_files_only"} or "path" not in name:
                     raise UserError(f"Argument `text_encoder` as a mapping takes `path` and `local_files_only`, but "

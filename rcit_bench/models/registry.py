@@ -36,6 +36,7 @@ _BUILTIN_METHOD_MODULES = (
     "rcit_bench.models.matchmap",
     "rcit_bench.models.vsrpp",
     "rcit_bench.models.hf_dual",
+    "rcit_bench.models.open_clip_model",
 )
 _BUILTIN_ENCODER_MODULES = ("rcit_bench.models.encoders",)
 
