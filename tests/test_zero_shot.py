@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tiny_specs import tiny_dataset, tiny_trainer
+from tiny_specs import tiny_dataset, tiny_trainer, write_tiny_clip
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,34 +21,6 @@ from rcit_bench.bench.spec import validate_spec  # noqa: E402
 from rcit_bench.errors import UserError  # noqa: E402
 from rcit_bench.metrics import retrieval_metrics  # noqa: E402
 from rcit_bench.models.hf_dual import ProcessorOps, load_pretrained  # noqa: E402
-
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def write_tiny_clip(folder: Path, image_size: int = 32, processor_kwargs: dict | None = None) -> Path:
-    """A random 2-layer CLIP (32 px input), a byte-level CLIP tokenizer over printable ASCII with a few merges,
-    and a CLIPImageProcessor, saved as `save_pretrained` writes them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = [chr(c) for c in range(33, 127)]
-    merges = [("r", "e"), ("a", "n"), ("t", "h"), ("th", "e</w>"), ("s", "q")]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    tok.save_pretrained(folder)
-    text = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-            "num_hidden_layers": 2, "max_position_embeddings": 77, "bos_token_id": vocab.index(BOS),
-            "eos_token_id": vocab.index(EOS), "pad_token_id": vocab.index(EOS)}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
-              "image_size": image_size, "patch_size": 8}
-    torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-    transformers.CLIPModel(cfg).save_pretrained(folder)
-    kw = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size},
-          **(processor_kwargs or {})}
-    transformers.CLIPImageProcessor(**kw).save_pretrained(folder)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -93,7 +93,11 @@ class RetrievalModule(L.LightningModule):
 
     @classmethod
     def tokenizer_for(cls, model_config: dict[str, Any]) -> str | dict[str, Any] | None:
-        """The tokenizer this model config needs (the datamodule's ``text_encoder``), or None for the data option."""
+        """The tokenizer this model config needs (the datamodule's ``text_encoder``), or None for the data option.
+        Default: a pretrained text encoder ``{name: hf, pretrained: <dir>}`` needs the tokenizer saved with it."""
+        cfg = model_config.get("text_encoder")
+        if isinstance(cfg, dict) and cfg.get("name") == "hf" and isinstance(cfg.get("pretrained"), str):
+            return {"path": cfg["pretrained"], "local_files_only": bool(cfg.get("local_files_only", True))}
         return None
 
     @classmethod

@@ -51,15 +51,16 @@ def _offline_hint(name: str, what: str, exc: BaseException, local_files_only: bo
                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {fix}.")
 
 
-def load_pretrained(name: str, local_files_only: bool = True) -> tuple[Any, Any]:
-    """(model, image processor) from a local directory or a hub id; a UserError saying how to go offline."""
+def load_pretrained(name: str, local_files_only: bool = True, need_dual: bool = True) -> tuple[Any, Any]:
+    """(model, image processor) from a local directory or a hub id; a UserError saying how to go offline.
+    need_dual: the model must have both feature methods (a dual encoder)."""
     from transformers import AutoImageProcessor, AutoModel
 
     try:
         model = AutoModel.from_pretrained(name, local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
         raise _offline_hint(name, "model", exc, local_files_only) from exc
-    for attr in ("get_image_features", "get_text_features"):
+    for attr in ("get_image_features", "get_text_features") if need_dual else ():
         if not hasattr(model, attr):
             raise UserError(f"Argument `model.pretrained`: {name!r} loads as {type(model).__name__}, which has no "
                             f"`{attr}`; hf_dual_encoder needs a dual encoder (CLIP, SigLIP, ALIGN, ...).")
