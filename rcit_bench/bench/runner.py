@@ -73,7 +73,7 @@ def datamodule_kwargs(spec: Spec, entry: Entry, seed: int, cfg: dict[str, Any]) 
     kw["dataset"] = spec.dataset_kind
     kw["seed"] = seed
     kw["train_corruption"] = entry.regime
-    if entry.regime == "clean":
+    if entry.regime in ("clean", PRETRAINED):  # no training corruption (a pretrained entry is never trained)
         kw.pop("corruption_mix", None)
         kw.pop("augment_fraction", None)
     else:
