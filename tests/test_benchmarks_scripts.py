@@ -60,5 +60,15 @@ def test_grid_model_counts_corruption_once_per_cell_and_text_once_per_model() ->
     assert e["eval_img_s"] == pytest.approx(cc["image"] * (1.0 + 2.0))
     assert e["eval_txt_s"] == pytest.approx(10.0 + cc["text"] * (10.0 + 2.0))  # captions once + per text cell
     epochs, per_epoch, batch = grid_cost.training_plan(spec, spec.entries[0])
-    assert (epochs, per_epoch, batch) == (6, 50, 128)
-    assert grid_cost.training_plan(spec, spec.entry("vsrpp"))[:2] == (3, 50)
+    assert (epochs, per_epoch, batch) == (6, 40, 128)
+    assert grid_cost.training_plan(spec, spec.entry("vsrpp"))[:2] == (3, 40)
+
+
+def test_zero_shot_throughput_measures_the_tiny_model(one_thread: None) -> None:
+    """The zero-shot throughput script runs its tiny row (a few images) and its table parses with positive rates."""
+    zero_shot = pytest.importorskip("zero_shot_throughput")
+    row = zero_shot.measure("tiny", n_images=8, n_captions=10, batch=4, repeats=1)
+    rows = _parse(zero_shot.table([row]))
+    assert rows[0]["model"] == "tiny" and rows[0]["image px"] == "32"
+    assert float(rows[0]["images/s (all three)"]) > 0 and float(rows[0]["captions/s"]) > 0
+    assert row["corrupt_s"] > 0 and row["tower_s"] > 0

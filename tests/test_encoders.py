@@ -19,8 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_registries_list_builtins() -> None:
-    assert set(list_image_encoders()) == {"small_cnn", "timm"}
-    assert set(list_text_encoders()) == {"gru", "bigru", "transformer"}
+    assert set(list_image_encoders()) == {"small_cnn", "timm", "hf"}
+    assert set(list_text_encoders()) == {"gru", "bigru", "transformer", "hf"}
 
 
 def test_small_cnn_grid_and_internal_preprocessing() -> None:

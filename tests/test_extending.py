@@ -52,7 +52,11 @@ def _write_pairs(root: Path) -> None:
 
 @pytest.fixture
 def clean_registries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The recipes register names; they are gone after the test (other tests list the built-ins)."""
+    """The recipes register names; they are gone after the test (other tests list the built-ins). The built-ins are
+    loaded first: a registry filled lazily during the test would fill the copy and leave the original empty."""
+    corruption_registry.list_corruptions()
+    datasets.list_datasets()
+    method_registry.list_methods()
     monkeypatch.setattr(corruption_registry, "_REGISTRY", dict(corruption_registry._REGISTRY))
     monkeypatch.setattr(datasets, "_DATASETS", dict(datasets._DATASETS))
     monkeypatch.setattr(method_registry, "_METHODS", dict(method_registry._METHODS))

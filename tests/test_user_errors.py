@@ -115,7 +115,7 @@ def _tiny_spec(root: Path, model: dict[str, Any]) -> dict[str, Any]:
     ({"image_encoder": {"name": "small_cnn", "embed_dim": 8}},
      "Argument `image_encoder`: 'embed_dim' is set by the method (its own `embed_dim` argument)"),
     ({"image_encoder": "small_cn"},
-     "Unknown image encoder 'small_cn' for argument `image_encoder`; registered: 'small_cnn', 'timm'. Did you mean "
+     "Unknown image encoder 'small_cn' for argument `image_encoder`; registered: 'hf', 'small_cnn', 'timm'. Did you mean "
      "'small_cnn'?"),
 ])
 def test_encoder_argument_mistakes_are_one_line(tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str],

@@ -21,3 +21,11 @@ def tiny_trainer(max_epochs: int) -> dict[str, Any]:
     """A spec's `trainer`: CPU, 3 batches an epoch, quiet."""
     return {"max_epochs": max_epochs, "limit_train_batches": 3, "log_every_n_steps": 1, "enable_progress_bar": False,
             "num_sanity_val_steps": 0, "accelerator": "cpu"}
+
+
+def write_tiny_clip(folder: Path, image_size: int = 32, processor_kwargs: dict | None = None) -> Path:
+    """A random 2-layer CLIP (32 px input), its byte-level tokenizer and a CLIPImageProcessor in `save_pretrained`
+    layout (rcit_bench.models.random_clip)."""
+    from rcit_bench.models.random_clip import write_random_clip
+
+    return write_random_clip(folder, "tiny", image_size=image_size, processor_kwargs=processor_kwargs)

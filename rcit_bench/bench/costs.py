@@ -170,6 +170,13 @@ def epochs_and_steps(n_batches: int, trainer_kw: dict[str, Any]) -> tuple[int, i
     return epochs, per_epoch, total
 
 
+def trains(entry: Any) -> bool:
+    """False for an entry of regime 'pretrained': loaded, never fitted (zero training time, no validation)."""
+    from rcit_bench.data.datasets import PRETRAINED
+
+    return entry.regime != PRETRAINED
+
+
 def _grid_corruptions(spec: Any, entries: list[Any]) -> list[str]:
     names: list[str] = []
     for e in entries:
@@ -212,19 +219,21 @@ def _measure_entry(spec: Any, entry: Any, seed: int) -> tuple[EntryCosts, Any]:
     runner._seed(seed)
     model = runner.build_model(entry, composed, dm)
     tkw = runner.trainer_kwargs(spec, entry, composed)
-    timer = _step_timer()
-    keep = {k: tkw[k] for k in ("accelerator", "devices", "precision", "gradient_clip_val") if k in tkw}
     t_fit = time.perf_counter()
-    trainer = L.Trainer(max_steps=WARMUP_STEPS + TIMED_STEPS, limit_val_batches=0, num_sanity_val_steps=0,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[timer], **keep)
-    trainer.fit(model, datamodule=dm)
-    t_end = time.perf_counter()
-    first, last = timer.first_start or t_fit, timer.ends[-1] if timer.ends else t_end
-    gaps = [b - a for a, b in zip(timer.ends, timer.ends[1:])][WARMUP_STEPS - 1:]
-    step_s = statistics.median(gaps) if gaps else (last - first)
     setup_s = t_fit - t0  # datamodule (data read, vocabulary) and model
-    fit_overhead_s = (first - t_fit) + (t_end - last)  # trainer start, fit start-up and teardown
+    step_s = fit_overhead_s = 0.0
+    if trains(entry):
+        timer = _step_timer()
+        keep = {k: tkw[k] for k in ("accelerator", "devices", "precision", "gradient_clip_val") if k in tkw}
+        trainer = L.Trainer(max_steps=WARMUP_STEPS + TIMED_STEPS, limit_val_batches=0, num_sanity_val_steps=0,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[timer], **keep)
+        trainer.fit(model, datamodule=dm)
+        t_end = time.perf_counter()
+        first, last = timer.first_start or t_fit, timer.ends[-1] if timer.ends else t_end
+        gaps = [b - a for a, b in zip(timer.ends, timer.ends[1:])][WARMUP_STEPS - 1:]
+        step_s = statistics.median(gaps) if gaps else (last - first)
+        fit_overhead_s = (first - t_fit) + (t_end - last)  # trainer start, fit start-up and teardown
     model.eval()
     model.to(runner._eval_device(tkw))
     ev = CellEvaluator(model, dm, seed)
@@ -256,10 +265,10 @@ def _measure_entry(spec: Any, entry: Any, seed: int) -> tuple[EntryCosts, Any]:
     r = len(dm.caption_to_image("val").unique()) / max(1, n_test)
     # a scorer over regions (cross-attention) costs per image-caption pair, i.e. with the square of the images
     regions = any(v.ndim == 3 for k, v in ev.image_reps().items() if k != "image_index")
-    val_s = r * caption_s + r * (r if regions else 1.0) * image_cell_s
+    val_s = (r * caption_s + r * (r if regions else 1.0) * image_cell_s) if trains(entry) else 0.0
     costs = EntryCosts(setup_s=setup_s, step_s=step_s, val_s=val_s, caption_s=caption_s, image_cell_s=image_cell_s,
                        text_cell_s=text_cell_s, pointing_s=pointing_s, fit_overhead_s=fit_overhead_s,
-                       batches_per_epoch=len(dm.train_dataloader()),
+                       batches_per_epoch=len(dm.train_dataloader()) if trains(entry) else 0,
                        entry_hash=spec.entry_hash(entry.id))
     return costs, dm
 
@@ -350,6 +359,7 @@ class EntryPlan:
     eval_s: float  # its cells (corruption excluded: shared)
     trained: bool = False  # already trained: nothing to fit
     done_cells: int = 0
+    pretrained: bool = False  # regime 'pretrained': loaded, never fitted (its training time is loading the model)
 
     @property
     def training_s(self) -> float:
@@ -393,7 +403,7 @@ def plan_sweep(spec: Any, entries: list[Any], costs: UnitCosts,
             c = costs.entries[e.id]
             cells = (pending or {}).get((e.id, seed), spec.cells(e))
             tkw = runner.trainer_kwargs(spec, e, runner.method_config(spec, e))
-            epochs, per_epoch, steps = epochs_and_steps(c.batches_per_epoch, tkw)
+            epochs, per_epoch, steps = epochs_and_steps(c.batches_per_epoch, tkw) if trains(e) else (0, 0, 0)
             n = {k: sum(x.kind == k for x in cells) for k in ("clean", "imagenet_c", "rcit", "text", "pointing_game")}
             eval_s = (c.caption_s if cells else 0.0) + (n["clean"] + n["imagenet_c"] + n["rcit"]) * c.image_cell_s \
                 + n["text"] * c.text_cell_s + n["pointing_game"] * c.pointing_s
@@ -401,7 +411,7 @@ def plan_sweep(spec: Any, entries: list[Any], costs: UnitCosts,
             setup = c.setup_s + c.fit_overhead_s + (0.0 if c.wandb_included else 2 * costs.wandb_s)
             plans.append(EntryPlan(e.id, seed, epochs, per_epoch, steps, len(cells), setup, steps * c.step_s,
                                    epochs * c.val_s, eval_s, trained=bool((trained or {}).get((e.id, seed))) or
-                                   not cells))
+                                   not cells, pretrained=not trains(e)))
             for x in cells:
                 if x.kind in ("imagenet_c", "rcit") and x.id not in seen:
                     seen.add(x.id)
@@ -424,7 +434,8 @@ def format_plan(spec: Any, plan: SweepPlan) -> str:
     then the shared corruption work and the total."""
     rows = [("entry", "seed", "budget", "training", "cells", "evaluation")]
     for p in plan.entries:
-        budget = "trained" if p.trained else f"{p.epochs} x {p.steps_per_epoch} steps"
+        budget = "trained" if p.trained else ("pretrained (not trained)" if p.pretrained else
+                                              f"{p.epochs} x {p.steps_per_epoch} steps")
         rows.append((p.entry, str(p.seed), budget, "-" if p.trained else fmt_s(p.training_s), str(p.cells),
                      fmt_s(p.eval_s)))
     lines = format_table(rows, right=range(3, len(rows[0])), rule=True)

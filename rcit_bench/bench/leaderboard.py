@@ -279,8 +279,20 @@ def training_rows(board: Board) -> list[tuple[str, int, dict[str, Any]]]:
     for e in board.spec.entries:
         for seed, es in sorted(board.ok.get(e.id, {}).items()):
             tr = next((r.record.get("training") for r in es.cells.values() if r.record.get("training")), None)
-            if tr:
+            if tr and tr.get("trained", True):  # a pretrained entry's section says it was not trained
                 out.append((e.id, seed, tr))
+    return out
+
+
+def pretrained_entries(board: Board) -> list[tuple[str, str]]:
+    """(entry, model id) of the entries with results that were loaded as published, never trained."""
+    out = []
+    for e in board.spec.entries:
+        for es in board.ok.get(e.id, {}).values():
+            tr = next((r.record.get("training") for r in es.cells.values() if r.record.get("training")), None)
+            if tr and tr.get("trained") is False:
+                out.append((e.id, str(tr.get("pretrained") or "?")))
+                break
     return out
 
 
@@ -482,6 +494,7 @@ def main_table(board: Board, rs: Resampler | None = None) -> str:
     higher: list[bool | None] = [None, None, None] + [True] * 7 + [
         SUMMARY_DIRECTION[k] for k in ("mean_corrupted_rsum", "relative_robustness", "mmi", "mce")] + [None, None]
     text_rows, value_rows = [], []
+    zero_shot = dict(pretrained_entries(board))
     for e in board.spec.entries:
         seeds = board.ok.get(e.id, {})
         if not seeds and board.failed.get(e.id):
@@ -489,7 +502,9 @@ def main_table(board: Board, rs: Resampler | None = None) -> str:
             text_rows.append([e.id, e.method, e.regime, f"**failed**: {reason}"] + ["-"] * (len(header) - 4))
             value_rows.append([None] * len(header))
             continue
-        texts = [e.id + (f" {STALE_MARK}" if e.id in board.stale_entries else ""), e.method, e.regime]
+        method = e.method + (f" (`{zero_shot[e.id]}`)" if e.id in zero_shot else "")
+        regime = "pretrained (zero-shot)" if e.id in zero_shot else e.regime
+        texts = [e.id + (f" {STALE_MARK}" if e.id in board.stale_entries else ""), method, regime]
         vals: list[float | None] = [None, None, None]
         for key in RECALLS:
             v = board.cell_metric(e.id, "clean", key)
@@ -992,6 +1007,10 @@ def _write_board(spec: Spec, board: Board, out: Path) -> None:
         curves = plot_val_curves(board, out)
         if curves is not None:
             md.append(f"![validation RSUM curves]({curves.name})\n")
+    loaded = pretrained_entries(board)
+    if loaded:
+        md.append(("" if rows_tr else "## Training budget\n\n") + "Pretrained (not trained), evaluated zero-shot as "
+                  "published: " + ", ".join(f"`{e}` (`{m}`)" for e, m in loaded) + ".\n")
     failed: dict[tuple[str, int, str], list[str]] = defaultdict(list)
     for eid, failed_rows in board.failed.items():
         for r in failed_rows:

@@ -34,7 +34,7 @@ from rcit_bench.bench.spec import (
 )
 from rcit_bench.bench.store import CheckpointError, RunStore, load_checkpoint
 from rcit_bench.bench.wandb_log import WandbRun
-from rcit_bench.data.datasets import dataset_info
+from rcit_bench.data.datasets import PRETRAINED, dataset_info
 from rcit_bench.errors import UserError
 from rcit_bench.evaluation import CellEvaluation, CellEvaluator
 
@@ -73,7 +73,7 @@ def datamodule_kwargs(spec: Spec, entry: Entry, seed: int, cfg: dict[str, Any]) 
     kw["dataset"] = spec.dataset_kind
     kw["seed"] = seed
     kw["train_corruption"] = entry.regime
-    if entry.regime == "clean":
+    if entry.regime in ("clean", PRETRAINED):  # no training corruption (a pretrained entry is never trained)
         kw.pop("corruption_mix", None)
         kw.pop("augment_fraction", None)
     else:
@@ -82,6 +82,16 @@ def datamodule_kwargs(spec: Spec, entry: Entry, seed: int, cfg: dict[str, Any]) 
             kw["augment_fraction"] = entry.augment_fraction
     kw.pop("mismatch_rate", None)
     kw.pop("mismatch_seed", None)
+    # a method with its own tokenizer (a pretrained model) names it: the data never has to agree with it by hand
+    from rcit_bench.bench.spec import method_class
+
+    tokenizer = method_class(entry.method).tokenizer_for(dict(cfg.get("model") or {}))
+    if tokenizer is not None:
+        given = kw.get("text_encoder", "vocab")
+        if given not in ("vocab", tokenizer):
+            raise UserError(f"entry {entry.id!r}: `text_encoder` {given!r} (a data option) disagrees with the tokenizer "
+                            f"method {entry.method!r} uses ({tokenizer!r}); remove the data option, the method sets it.")
+        kw["text_encoder"] = tokenizer
     if entry.mismatch_rate:  # correspondence noise: the training split only (the datamodule keeps val/test clean)
         kw["mismatch_rate"], kw["mismatch_seed"] = entry.mismatch_rate, entry.mismatch_seed
     return kw
@@ -529,6 +539,9 @@ def preflight(spec: Spec, entries: list[Entry]) -> None:
         try:
             composed = composed_config(spec, entry, spec.seeds[0], method_config(spec, entry))
             check_method_arguments(entry.method, composed)
+            from rcit_bench.bench.spec import method_class
+
+            method_class(entry.method).check_model_config(composed["model"])  # e.g. pretrained weights at hand
             for arg in ("image_encoder", "text_encoder"):
                 if arg in composed["model"]:
                     check_encoder(arg, composed["model"][arg])
@@ -674,6 +687,10 @@ def _trained_weights(model: Any, p: _Prepared, state: dict[str, Any], seed: int,
                      spec: Spec, summary: SweepSummary, progress: SweepProgress) -> str:
     """Load the best checkpoint of a finished training into `model`, or train (resuming) and load it; returns it."""
     where = f"{p.entry.id}/seed{seed}"
+    if p.entry.regime == PRETRAINED:  # loaded as published: no fit, no checkpoint
+        progress.fit_not_needed(p.entry.id, seed)
+        state["training"] = pretrained_record(composed)
+        return ""
     best = state.get("best_checkpoint") if state.get("trained") else None
     if best and Path(best).is_file():
         try:
@@ -690,6 +707,12 @@ def _trained_weights(model: Any, p: _Prepared, state: dict[str, Any], seed: int,
     p.store.save_state(state)
     load_weights(model, result.checkpoint)
     return result.checkpoint
+
+
+def pretrained_record(composed: dict[str, Any]) -> dict[str, Any]:
+    """The ``training`` section of an entry of regime 'pretrained': it was loaded, not trained, and from what."""
+    return {"trained": False, "regime": PRETRAINED, "pretrained": (composed.get("model") or {}).get("pretrained"),
+            "note": "pretrained (not trained): evaluated zero-shot, no fit and no checkpoint"}
 
 
 def _fit_summary(training: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import yaml
 
 from rcit_bench.errors import UserError
-from rcit_bench.data.datasets import TRAIN_REGIMES as REGIMES  # torch-free
+from rcit_bench.data.datasets import PRETRAINED, TRAIN_REGIMES as REGIMES  # torch-free
 from rcit_bench.utils import did_you_mean
 
 CELL_KINDS = ("clean", "imagenet_c", "rcit", "text", "pointing_game")
@@ -319,6 +319,24 @@ def _check_keys(obj: Any, where: str, allowed: Iterable[str], required: Iterable
     return obj
 
 
+def _check_method(where: str, value: Any, methods: list[str], spec_dir: Path | None) -> str:
+    """A registered method, an installed plugin's, or ``package.module:ClassName`` in the user's code (importable,
+    or a module in the spec's folder), whose class is a RetrievalModule; errors name the spec key and the cause."""
+    if not isinstance(value, str) or ":" not in value:
+        _check_name(where, value, methods)
+    import sys
+
+    if ":" in value and spec_dir is not None and str(spec_dir) not in sys.path:
+        top = value.split(":", 1)[0].split(".")[0]
+        if (spec_dir / top).is_dir() or (spec_dir / f"{top}.py").is_file():  # the user's code next to the spec
+            sys.path.append(str(spec_dir))
+    try:
+        method_class(value)
+    except UserError as err:
+        raise UserError(f"Spec key `{where}`: {err}") from err.__cause__
+    return value
+
+
 def _check_name(where: str, value: Any, choices: Iterable[str]) -> str:
     choices = list(choices)
     if value not in choices:
@@ -576,9 +594,19 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
             raise UserError(f"Spec key `{w}.id` must be an identifier (letters, digits, _ . -), but got {eid!r}.")
         if eid in [x.id for x in entries]:
             raise UserError(f"Spec key `{w}.id`: duplicate entry id {eid!r}.")
-        method = _check_name(f"{w}.method", e["method"], methods)
+        method = _check_method(f"{w}.method", e["method"], methods, spec_dir)
         regime = _check_name(f"{w}.regime", e.get("regime", "clean"), REGIMES)
-        paired = method_class(method).needs_paired_views
+        cls = method_class(method)
+        zero_shot = bool(getattr(cls, "zero_shot", False))
+        if zero_shot and regime != PRETRAINED:
+            raise UserError(f"Spec key `{w}.regime`: method {method!r} is evaluated zero-shot and never trained here, "
+                             f"so it needs regime '{PRETRAINED}', but got {regime!r}; set `{w}.regime: {PRETRAINED}`.")
+        if regime == PRETRAINED and not zero_shot:
+            takers = [m for m in methods if getattr(method_class(m), "zero_shot", False)]
+            raise UserError(f"Spec key `{w}.regime`: '{PRETRAINED}' (loaded, never trained) is for zero-shot methods "
+                             f"({_fmt(takers)}), but method {method!r} needs training; use regime 'clean', 'augment'"
+                             f"{' or paired' if cls.needs_paired_views else ''}.")
+        paired = cls.needs_paired_views
         if regime == "paired" and not paired:
             takers = [m for m in methods if method_class(m).needs_paired_views]
             raise UserError(f"Spec key `{w}.regime`: 'paired' training (clean + corrupted copy) is for methods that "
@@ -595,10 +623,13 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
             mix = _check_mix(f"{w}.corruption_mix", e["corruption_mix"])
         elif "corruption_mix" in e:
             raise UserError(f"Spec key `{w}.corruption_mix` only applies to regimes 'augment' and 'paired', "
-                             f"but the entry's regime is 'clean'.")
+                             f"but the entry's regime is {regime!r}.")
         frac = e.get("augment_fraction")
         if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1):
             raise UserError(f"Spec key `{w}.augment_fraction` must be a number in [0, 1], but got {frac!r}.")
+        if ":" in method and not e.get("config"):
+            raise UserError(f"Spec key `{w}.config` is required for a method in your own code ({method!r}): a YAML "
+                             f"file next to the spec with `method: {method}` and its `model` / `optim` arguments.")
         config = e.get("config") or method
         if not isinstance(config, str):
             raise UserError(f"Spec key `{w}.config` must be a config name or .yaml path, but got {config!r}.")
@@ -611,6 +642,11 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
         small_loss = _check_small_loss(f"{w}.small_loss", e.get("small_loss"))
         evaluate = _check_evaluate(f"{w}.evaluate", e.get("evaluate"))
         rates, swept = _check_mismatch(w, e)
+        if regime == PRETRAINED:
+            for key in ("mismatch_rate", "mismatch_rates", "mismatch_seed", "small_loss", "augment_fraction"):
+                if key in e:
+                    raise UserError(f"Spec key `{w}.{key}` is a training option, but the entry's regime is "
+                                     f"'{PRETRAINED}' (loaded, never trained); remove it.")
         mseed = e.get("mismatch_seed", 0)
         if isinstance(mseed, bool) or not isinstance(mseed, int) or mseed < 0:
             raise UserError(f"Spec key `{w}.mismatch_seed` must be an integer >= 0 (which training captions are "

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from rcit_bench.errors import UserError
 from rcit_bench.data.captions import CaptionSplit, simple_tokenize
 from rcit_bench.data.corruptions import SCALINGS
-from rcit_bench.data.datasets import TRAIN_REGIMES, DataSource, dataset_info
+from rcit_bench.data.datasets import PRETRAINED, TRAIN_REGIMES, DataSource, dataset_info
 from rcit_bench.data.karpathy import SPLITS
 from rcit_bench.data.vocab import HFTokenizer, Vocabulary
 from rcit_bench.utils import check_choice, keep_freed_memory, stable_hash
@@ -259,7 +259,9 @@ class RetrievalDataModule(L.LightningDataModule):
             with different seeds are all tested on the very same corrupted pixels.
         n_train / n_val / n_test / synthetic_seed: size and generation seed of the synthetic set (the data does
             not change with the training `seed`).
-        text_encoder: 'vocab' (word vocabulary from the training split) or a local Hugging Face tokenizer path.
+        text_encoder: 'vocab' (word vocabulary from the training split), a local Hugging Face tokenizer path, or
+            ``{path: <dir or hub id>, local_files_only: bool}``, or ``{open_clip: <arch>, model_config: <json>}``. A method with its own tokenizer (``tokenizer_for``,
+            e.g. a pretrained dual encoder) sets this itself through the runner.
         limit_train / limit_val / limit_test: keep the first N images (and their captions) for tiny runs.
         cache_images: decode all images once into memory as uint8 (default: as the dataset registers; synthetic).
         corruption_scaling: how every corruption made here (evaluation images, training corruptions) meets the
@@ -290,7 +292,7 @@ class RetrievalDataModule(L.LightningDataModule):
         n_val: int = 1000,
         n_test: int = 1000,
         synthetic_seed: int = 0,
-        text_encoder: str = "vocab",
+        text_encoder: str | dict[str, Any] = "vocab",
         vocab_min_count: int = 1,
         max_length: int | None = None,
         limit_train: int | None = None,
@@ -345,7 +347,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.mismatch_rate, self.mismatch_seed = mismatch_rate, int(mismatch_seed)
         self._train_c2i: torch.Tensor | None = None
         self.corruption_mix: list[dict] = []
-        if train_corruption != "clean":
+        if train_corruption in ("augment", "paired"):
             mix = list(corruption_mix) if corruption_mix is not None else [dict(d) for d in DEFAULT_CORRUPTION_MIX]
             if not mix:
                 raise UserError(f"Argument `corruption_mix` must not be empty when train_corruption={train_corruption!r}.")
@@ -452,10 +454,21 @@ class RetrievalDataModule(L.LightningDataModule):
     def vocab(self) -> Vocabulary | HFTokenizer:
         """The text encoder: a Vocabulary built from the (limited) TRAINING split only, or an HFTokenizer."""
         if self._encoder is None:
-            if self.text_encoder_name == "vocab":
+            name = self.text_encoder_name
+            if name == "vocab":
                 self._encoder = Vocabulary.build(self.split("train").tokens, min_count=self.vocab_min_count)
+            elif isinstance(name, dict) and "open_clip" in name:
+                from rcit_bench.models.open_clip_model import OpenClipTokenizer
+
+                self._encoder = OpenClipTokenizer(name["open_clip"], name.get("model_config"))
+            elif isinstance(name, dict):
+                if set(name) - {"path", "local_files_only"} or "path" not in name:
+                    raise UserError(f"Argument `text_encoder` as a mapping takes `path` and `local_files_only`, but "
+                                    f"got {name!r}.")
+                self._encoder = HFTokenizer(name["path"], max_length=self.max_length,
+                                            local_files_only=bool(name.get("local_files_only", True)))
             else:
-                self._encoder = HFTokenizer(self.text_encoder_name, max_length=self.max_length)
+                self._encoder = HFTokenizer(name, max_length=self.max_length)
         return self._encoder
 
     @property
@@ -496,7 +509,8 @@ class RetrievalDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled captions with their images; batch dict images/tokens/lengths/image_index/caption_index
         (+ corrupted_images in 'paired' mode)."""
-        ds = _CaptionImageDataset(self._store("train"), self._token_ids("train"), self.train_corruption,
+        mode = "clean" if self.train_corruption == PRETRAINED else self.train_corruption  # never fitted; as is
+        ds = _CaptionImageDataset(self._store("train"), self._token_ids("train"), mode,
                                   self.corruption_mix, self.augment_fraction, self.seed, self.corruption_scaling,
                                   caption_to_image=self.training_caption_to_image())
         self._train_sampler = _EpochSampler(len(ds), self.seed, shuffle=True)

@@ -20,13 +20,16 @@ from typing import Any, Callable
 from rcit_bench.errors import UserError
 from rcit_bench.utils import check_choice
 
-__all__ = ["DataSource", "DatasetInfo", "PROTOCOLS", "TRAIN_REGIMES", "dataset_info", "list_datasets",
+__all__ = ["DataSource", "DatasetInfo", "PRETRAINED", "PROTOCOLS", "TRAIN_REGIMES", "dataset_info", "list_datasets",
            "register_dataset"]
 
 #: How the training images of any dataset are presented (the spec's entry `regime` and the DataModule's
 #: `train_corruption` take these names): 'clean' as they are; 'augment' a fraction replaced by a corrupted
-#: copy; 'paired' every image with a corrupted copy beside it (for methods with ``needs_paired_views``).
-TRAIN_REGIMES = ("clean", "augment", "paired")
+#: copy; 'paired' every image with a corrupted copy beside it (for methods with ``needs_paired_views``);
+#: 'pretrained' not trained at all: the model is loaded as published and only evaluated (methods with ``zero_shot``).
+TRAIN_REGIMES = ("clean", "augment", "paired", "pretrained")
+#: the regime of an entry that is loaded, never trained (no fit, no checkpoint)
+PRETRAINED = "pretrained"
 
 #: Evaluation protocols a dataset may support beyond the full test split:
 #: 'coco_1k' (COCO's 5-fold 1K test: metrics averaged over five folds of 1,000 images, as published), and

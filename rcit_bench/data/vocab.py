@@ -105,19 +105,26 @@ class HFTokenizer:
     roles of <start>/<end>.
     """
 
-    def __init__(self, name_or_path: str | os.PathLike, max_length: int | None = None) -> None:
+    def __init__(self, name_or_path: str | os.PathLike, max_length: int | None = None,
+                 local_files_only: bool = True) -> None:
         from transformers import AutoTokenizer
 
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_files_only)
         except (OSError, ValueError) as exc:
             raise UserError(
-                f"Argument `text_encoder`: could not load a tokenizer from {str(name_or_path)!r} with local files "
-                f"only ({type(exc).__name__}: {exc}). Pass a local directory holding the tokenizer files "
-                f"(save one with `AutoTokenizer.from_pretrained(name).save_pretrained(dir)` on a machine with "
-                f"network), or use text_encoder='vocab'."
+                f"Argument `text_encoder`: could not load a tokenizer from {str(name_or_path)!r}"
+                f"{' with local files only' if local_files_only else ''} ({type(exc).__name__}: {exc}). Pass a local "
+                f"directory holding the tokenizer files (save one with "
+                f"`AutoTokenizer.from_pretrained(name).save_pretrained(dir)` on a machine with network), or use "
+                f"text_encoder='vocab'."
             ) from exc
         self.name_or_path = str(name_or_path)
+        # a pretrained text tower has a fixed number of positions: without an explicit limit, truncate to the
+        # tokenizer's own (77 for CLIP) instead of failing on a long caption; 'unlimited' tokenizers say ~1e30
+        model_max = getattr(self.tokenizer, "model_max_length", None)
+        if max_length is None and isinstance(model_max, int) and 0 < model_max < 100_000:
+            max_length = model_max
         self.max_length = max_length
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else PAD_ID)
 

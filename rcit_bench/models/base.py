@@ -35,6 +35,12 @@ Hooks for method authors (override what differs, keep the signatures):
   it trains on a (clean, corrupted) view of every image, so only the 'paired' training regime runs it and its
   batches carry ``corrupted_images``. ``localizes = True`` (Matchmap): it has ``localize_batch(images,
   tokens, lengths) -> (P, L, H, W)`` word heatmaps, so the pointing game evaluates it on datasets with boxes.
+- ``zero_shot`` (class attribute, default False): the method is loaded as published and never trained, so only the
+  'pretrained' regime runs it (no fit, no checkpoint) and the 'pretrained' regime runs nothing else.
+- ``tokenizer_for(model_config) -> str | dict | None`` (classmethod): the tokenizer the captions must go through
+  for this model config (the datamodule's ``text_encoder``: a local tokenizer directory or ``{path,
+  local_files_only}``), read by the runner so that data and model cannot disagree; None (default): the data option.
+- ``image_encoder=None`` / ``text_encoder=None``: the subclass builds its own towers (a pretrained dual encoder).
 - ``self.use_max_violation()``, ``self.training_progress(start_epoch=0)`` for schedules: the latter is in
   [0, 1], optimizer steps done over Lightning's ``estimated_stepping_batches`` (right with gradient
   accumulation and ``max_steps``); MIIE's gradient-reversal strength follows it.
@@ -112,11 +118,26 @@ class RetrievalModule(L.LightningModule):
     needs_paired_views: bool = False
     #: True = it scores word-to-region maps, so the pointing game (datasets with object boxes) evaluates it
     localizes: bool = False
+    #: True = loaded as published and never trained: only regime 'pretrained' runs it
+    zero_shot: bool = False
+
+    @classmethod
+    def tokenizer_for(cls, model_config: dict[str, Any]) -> str | dict[str, Any] | None:
+        """The tokenizer this model config needs (the datamodule's ``text_encoder``), or None for the data option.
+        Default: a pretrained text encoder ``{name: hf, pretrained: <dir>}`` needs the tokenizer saved with it."""
+        cfg = model_config.get("text_encoder")
+        if isinstance(cfg, dict) and cfg.get("name") == "hf" and isinstance(cfg.get("pretrained"), str):
+            return {"path": cfg["pretrained"], "local_files_only": bool(cfg.get("local_files_only", True))}
+        return None
+
+    @classmethod
+    def check_model_config(cls, model_config: dict[str, Any]) -> None:
+        """Hook for the runner's check before anything trains (e.g. pretrained weights present); default nothing."""
 
     def __init__(
         self,
-        image_encoder: str | dict[str, Any] = "small_cnn",
-        text_encoder: str | dict[str, Any] = "gru",
+        image_encoder: str | dict[str, Any] | None = "small_cnn",
+        text_encoder: str | dict[str, Any] | None = "gru",
         vocab_size: int | None = None,
         embed_dim: int = 1024,
         margin: float = 0.2,
@@ -157,10 +178,12 @@ class RetrievalModule(L.LightningModule):
             SmallLossSelector(**small_opts) if small_opts is not None else None)
         self._pair_ids: Tensor | None = None  # caption_index of the training batch, while compute_loss runs
         self._pair_losses: list[Tensor] = []  # per-pair triplet losses of this step's pairs=True calls
-        img_name, img_kw = encoder_config(image_encoder, "image_encoder")
-        txt_name, txt_kw = encoder_config(text_encoder, "text_encoder")
-        self.image_encoder = build_image_encoder(img_name, embed_dim=embed_dim, **img_kw)
-        self.text_encoder = build_text_encoder(txt_name, embed_dim=embed_dim, vocab_size=vocab_size, **txt_kw)
+        if image_encoder is not None:  # None: the subclass builds its own image tower
+            img_name, img_kw = encoder_config(image_encoder, "image_encoder")
+            self.image_encoder = build_image_encoder(img_name, embed_dim=embed_dim, **img_kw)
+        if text_encoder is not None:
+            txt_name, txt_kw = encoder_config(text_encoder, "text_encoder")
+            self.text_encoder = build_text_encoder(txt_name, embed_dim=embed_dim, vocab_size=vocab_size, **txt_kw)
         self._val_img: list[dict[str, Tensor]] = []
         self._val_img_idx: list[Tensor] = []
         self._val_txt: list[dict[str, Tensor]] = []
@@ -335,7 +358,7 @@ class RetrievalModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ optimizer
     def backbone_parameters(self) -> list[nn.Parameter]:
-        backbone = getattr(self.image_encoder, "backbone", None)
+        backbone = getattr(getattr(self, "image_encoder", None), "backbone", None)
         return list(backbone.parameters()) if backbone is not None else []
 
     def extra_param_groups(self) -> list[dict[str, Any]]:

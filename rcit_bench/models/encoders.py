@@ -298,6 +298,82 @@ class TransformerTextEncoder(nn.Module):
         return {"global": sent, "words": words, "lengths": lengths}
 
 
+class HFTextEncoder(TransformerTextEncoder):
+    """``{name: hf, pretrained: <dir>}``: a pretrained text tower (a text model, or the text half of a dual encoder such
+    as CLIP) with the method's own projection, fine-tuned by the method's loss. Its tokenizer comes from the same
+    directory: the method declares it (RetrievalModule.tokenizer_for), so the data cannot use another."""
+
+    def __init__(self, name_or_path: str, embed_dim: int, local_files_only: bool = True) -> None:
+        nn.Module.__init__(self)
+        from transformers import AutoModel
+
+        from rcit_bench.models.hf_dual import _offline_hint
+
+        try:
+            model = AutoModel.from_pretrained(name_or_path, local_files_only=local_files_only)
+        except (OSError, ValueError) as exc:
+            raise _offline_hint(name_or_path, "text model", exc, local_files_only) from exc
+        self.model = self.backbone = getattr(model, "text_model", model)  # a dual encoder: its text tower only
+        self.name_or_path = name_or_path
+        self.embed_dim = int(embed_dim)
+        self.proj = nn.Linear(int(self.model.config.hidden_size), embed_dim)
+
+
+class HFImageEncoder(ImageEncoder):
+    """``{name: hf, pretrained: <dir>}``: a pretrained image tower (a vision model, or the vision half of a dual
+    encoder such as CLIP) as ``backbone``, preprocessed as its image processor says (rcit_bench.models.hf_dual
+    .ProcessorOps), its patch tokens (class token dropped) or feature map projected by the method's heads."""
+
+    def __init__(self, name_or_path: str, embed_dim: int, local_files_only: bool = True) -> None:
+        from rcit_bench.models.hf_dual import ProcessorOps, load_pretrained
+
+        model, processor = load_pretrained(name_or_path, local_files_only=local_files_only, need_dual=False)
+        super().__init__(embed_dim, None)
+        self.backbone = getattr(model, "vision_model", model)
+        self.processor = ProcessorOps(processor)
+        self.name_or_path = name_or_path
+        with torch.no_grad():  # one probe image: the feature width and the number of prefix tokens
+            crop = self.processor.crop or self.processor.output_size(224, 224)
+            out = self._tokens(self.backbone(pixel_values=torch.zeros(1, 3, *crop)))
+        cfg = getattr(self.backbone, "config", None)
+        size, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
+        self.num_prefix_tokens = 0
+        if out.ndim == 3 and isinstance(size, int) and isinstance(patch, int):
+            self.num_prefix_tokens = max(0, out.shape[1] - (size // patch) ** 2)
+        self._init_heads(out.shape[1] if out.ndim == 4 else out.shape[-1])
+
+    @staticmethod
+    def _tokens(out: Any) -> Tensor:
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise UserError(f"Image encoder expects images of shape (B, 3, H, W), got {tuple(images.shape)}.")
+        return self.processor(images)
+
+    def features(self, x: Tensor) -> Tensor:
+        out = self._tokens(self.backbone(pixel_values=x))
+        return out[:, self.num_prefix_tokens:] if out.ndim == 3 else out
+
+
+@register_image_encoder("hf")
+def _build_hf_image(spec: str | None, embed_dim: int, pretrained: str | None = None,
+                    local_files_only: bool = True) -> HFImageEncoder:
+    path = pretrained or spec
+    if not path:
+        raise UserError("Argument `image_encoder`: write {name: hf, pretrained: <save_pretrained directory>}.")
+    return HFImageEncoder(path, embed_dim, local_files_only=local_files_only)
+
+
+@register_text_encoder("hf")
+def _build_hf_text(spec: str | None, embed_dim: int, vocab_size: int | None = None, pretrained: str | None = None,
+                   local_files_only: bool = True) -> HFTextEncoder:
+    path = pretrained or spec
+    if not path:
+        raise UserError("Argument `text_encoder`: write {name: hf, pretrained: <save_pretrained directory>}.")
+    return HFTextEncoder(path, embed_dim, local_files_only=local_files_only)
+
+
 @register_text_encoder("gru")
 def _build_gru(spec: str | None, embed_dim: int, vocab_size: int | None = None, word_dim: int = 300,
                num_layers: int = 1, pad_id: int = PAD_ID) -> RNNTextEncoder:

@@ -35,6 +35,8 @@ _BUILTIN_METHOD_MODULES = (
     "rcit_bench.models.miie",
     "rcit_bench.models.matchmap",
     "rcit_bench.models.vsrpp",
+    "rcit_bench.models.hf_dual",
+    "rcit_bench.models.open_clip_model",
 )
 _BUILTIN_ENCODER_MODULES = ("rcit_bench.models.encoders",)
 
@@ -107,18 +109,81 @@ def register_method(name: str, *, tiny_config: dict[str, Any] | None = None) -> 
     return deco
 
 
+#: Python entry point group through which an installed package offers methods (name -> ``module:Class``)
+ENTRY_POINT_GROUP = "rcit_bench.methods"
+
+
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def list_methods() -> list[str]:
-    """Sorted names of all registered methods (built-ins are imported first)."""
+    """Sorted names of all registered methods (built-ins are imported first) and of the installed plugins'
+    methods (entry point group ``rcit_bench.methods``, not imported until used)."""
     _ensure_methods()
-    return sorted(_METHODS)
+    return sorted(set(_METHODS) | set(_entry_points()))
+
+
+def _check_method_class(obj: Any, name: str, origin: str) -> type:
+    from rcit_bench.models.base import RetrievalModule
+
+    if not (isinstance(obj, type) and issubclass(obj, RetrievalModule)):
+        what = type(obj).__name__ if not isinstance(obj, type) else f"class {obj.__qualname__}"
+        raise UserError(f"Method {name!r} ({origin}) is a {what}, not a subclass of "
+                        f"rcit_bench.models.base.RetrievalModule; a method subclasses it (see the README, \"Evaluate "
+                        f"your own model\").")
+    if "method_name" not in vars(obj):  # errors and logs name the method as the spec does
+        obj.method_name = name
+    _METHODS[name] = obj
+    return obj
+
+
+def _import_user_method(name: str) -> type:
+    """``package.module:Class`` -> that class, imported from the user's code (on the Python path)."""
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr or ":" in attr:
+        raise UserError(f"Method {name!r}: write a user's method as 'package.module:ClassName'.")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise UserError(f"Method {name!r}: module {module_name!r} not found (no {err.name!r} on the Python "
+                            f"path); run from the folder that holds it, put it on PYTHONPATH, or install it.") from None
+        raise UserError(f"Method {name!r}: importing module {module_name!r} failed: {type(err).__name__}: {err} "
+                        f"(a dependency of that module is missing).") from err
+    except Exception as err:  # the user's module raised while importing: say so, with its own error
+        raise UserError(f"Method {name!r}: importing module {module_name!r} failed: {type(err).__name__}: "
+                        f"{err}.") from err
+    if not hasattr(module, attr):
+        from rcit_bench.models.base import RetrievalModule
+
+        found = sorted(k for k, v in vars(module).items()
+                       if isinstance(v, type) and issubclass(v, RetrievalModule) and v is not RetrievalModule)
+        listed = ", ".join(repr(k) for k in found) or "none"
+        raise UserError(f"Method {name!r}: module {module_name!r} has no {attr!r} (its RetrievalModule classes: "
+                        f"{listed}).{did_you_mean(attr, found)}")
+    return _check_method_class(getattr(module, attr), name, f"from module {module_name!r}")
 
 
 def get_method_class(name: str) -> type:
-    """The registered class for `name`; ValueError listing the registered names otherwise."""
+    """The class of method `name`: a registered name, an installed plugin's name (entry point group
+    ``rcit_bench.methods``), or ``package.module:ClassName`` in the user's code; a UserError saying why not."""
     _ensure_methods()
-    if name not in _METHODS:
-        raise _unknown("method", "method", name, sorted(_METHODS))
-    return _METHODS[name]
+    if name in _METHODS:
+        return _METHODS[name]
+    if ":" in str(name):
+        return _import_user_method(str(name))
+    ep = _entry_points().get(name)
+    if ep is not None:
+        try:
+            obj = ep.load()
+        except Exception as err:
+            raise UserError(f"Method {name!r}: the plugin's entry point ({ENTRY_POINT_GROUP}: {ep.value}) failed to "
+                            f"load: {type(err).__name__}: {err}.") from err
+        return _check_method_class(obj, name, f"entry point {ep.value!r}")
+    raise _unknown("method", "method", name, list_methods(), " A method in your own code: 'package.module:ClassName'.")
 
 
 def build_method(name: str, **config: Any) -> Any:
