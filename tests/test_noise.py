@@ -222,7 +222,7 @@ def test_a_mismatch_sweep_runs_and_reaches_the_board(tmp_path: Path, monkeypatch
     section = board.split("## Correspondence noise")[1].split("\n## ")[0]
     v = rows[("v", "clean")].metrics["rsum"]
     n = rows[("v_nc-mis0.5", "clean")].metrics["rsum"]
-    assert f"| vsepp (clean) | {v:.1f} [" in section and f"{n:.1f} [" in section
+    assert f"| `v` (vsepp, clean) | {v:.1f} [" in section and f"{n:.1f} [" in section
     assert f"{100 * (1 - n / v):.1f}%" in section  # the relative drop from rate 0
     assert "`v_nc-mis0.5` − `v`" in section and "412.2" in section
     assert (tmp_path / "board" / "rsum_vs_mismatch_rate.png").stat().st_size > 1000

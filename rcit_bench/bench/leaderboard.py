@@ -602,7 +602,8 @@ def noise_rows(spec: Spec) -> list[tuple[str, dict[float, str], str | None]]:
         if not any(members):
             continue
         first = spec.entry(next(iter(members.values())))
-        label = f"{first.method} ({first.regime}{', small-loss' if first.small_loss else ''})"
+        stem = first.id.split("-mis")[0]  # a sweep's own id, without the member's rate
+        label = f"`{stem}` ({first.method}, {first.regime}{', small-loss' if first.small_loss else ''})"
         ref = members.get(0.0) or plain_zero.get(entry_family(spec, first.id, small_loss=False))
         rows.append((label, dict(sorted(members.items())), ref))
     return rows
@@ -716,7 +717,7 @@ def plot_mismatch(board: Board, rs: Resampler, rows: list[tuple[str, dict[float,
             lo.append(ci[0] - ci[1])
             hi.append(ci[2] - ci[0])
         if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label.replace("`", ""))
             drawn = True
     if not drawn:
         plt.close(fig)
