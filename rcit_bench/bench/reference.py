@@ -32,9 +32,9 @@ REPORTED: tuple[ReportedRow, ...] = (
     ReportedRow("VSE-infinity (BUTD regions + BiGRU)", (76.5, 94.2, 97.7), (56.4, 83.4, 89.9), 498.1,
                 "strongest VSE baseline"),
     ReportedRow("RCIT, corrupted test images", (50.1, 76.8, 84.6), (35.3, 61.5, 72.1), 380.4,
-                "speckle or salt-and-pepper, rate 0.6"),
+                "speckle or salt-and-pepper, pixel noise rate 0.6"),
     ReportedRow("VSE++ trained on corrupted images, corrupted test", (39.7, 56.6, 61.9), (30.6, 52.3, 59.0), 300.1,
-                "same setting (rate 0.6)"),
+                "same setting (pixel noise rate 0.6)"),
     # RSUM is the sum of the six recalls as published there (78.9 + 94.9 + 98.2 + 58.8 + 83.6 + 90.0)
     ReportedRow("CLIP ViT-B/32 (OpenAI weights), zero-shot", (78.9, 94.9, 98.2), (58.8, 83.6, 90.0), 504.4,
                 "pretrained (not trained); open_clip retrieval results table (CLIP_benchmark)"),
