@@ -60,8 +60,8 @@ def test_grid_model_counts_corruption_once_per_cell_and_text_once_per_model() ->
     assert e["eval_img_s"] == pytest.approx(cc["image"] * (1.0 + 2.0))
     assert e["eval_txt_s"] == pytest.approx(10.0 + cc["text"] * (10.0 + 2.0))  # captions once + per text cell
     epochs, per_epoch, batch = grid_cost.training_plan(spec, spec.entries[0])
-    assert (epochs, per_epoch, batch) == (6, 40, 128)
-    assert grid_cost.training_plan(spec, spec.entry("vsrpp"))[:2] == (3, 40)
+    assert (epochs, per_epoch, batch) == (4, 60, 128)
+    assert grid_cost.training_plan(spec, spec.entry("vsrpp"))[:2] == (3, 60)
 
 
 def test_zero_shot_throughput_measures_the_tiny_model(one_thread: None) -> None:
