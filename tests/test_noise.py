@@ -277,3 +277,16 @@ def test_unit_costs_are_measured_once_per_family(tmp_path: Path, monkeypatch: py
     costs = C.measure_unit_costs(spec, spec.entries, use_wandb=False)
     assert measured == ["v", "nc-mis0.2"]  # `full` has v's model and cells, nc-mis0.5 nc-mis0.2's
     assert {k: c.entry_hash for k, c in costs.entries.items()} == {e.id: spec.entry_hash(e.id) for e in spec.entries}
+
+
+def test_mismatch_combines_with_paired_training_corruption(tmp_path: Path) -> None:
+    """RCIT's regime: every training item carries a clean and a corrupted view of the image it is *paired* with."""
+    noisy = _dm(tmp_path / "d", mismatch_rate=0.5, train_corruption="paired",
+                corruption_mix=[{"name": "salt_pepper", "rate": 0.6}])
+    batch = next(iter(noisy.train_dataloader()))
+    expected = noisy.training_caption_to_image()[batch["caption_index"]]
+    assert torch.equal(batch["image_index"], expected)
+    store = noisy._store("train")
+    for row in (0, 1, 2):
+        assert torch.equal(batch["images"][row], store.get(int(expected[row])))  # the paired (wrong or right) image
+    assert not torch.equal(batch["corrupted_images"], batch["images"])
