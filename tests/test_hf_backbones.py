@@ -69,3 +69,37 @@ def test_fine_tuning_with_hf_backbones_lowers_the_loss(tmp_path: Path, clip_dir:
     assert min(losses[-3:]) < 0.8 * losses[0], losses
     assert not torch.equal(model.image_encoder.backbone.embeddings.patch_embedding.weight,
                            clip.vision_model.embeddings.patch_embedding.weight)  # fine-tuned, not frozen
+
+
+def test_backbone_lr_mult_zero_freezes_the_pretrained_image_tower(tmp_path: Path, clip_dir: Path,
+                                                                   one_thread: None) -> None:
+    """backbone_lr_mult 0: the pretrained vision tower is out of the optimizer and unchanged by training steps, while
+    the method's own head still learns."""
+    spec = validate_spec({"name": "hfb", "dataset": tiny_dataset(tmp_path / "data"), "evaluation": {"clean": True},
+                          "entries": [{"id": "m", "method": "vsepp", "overrides": {"model": {
+                              "image_encoder": {"name": "hf", "pretrained": str(clip_dir)},
+                              "text_encoder": {"name": "hf", "pretrained": str(clip_dir)}, "embed_dim": 16,
+                              "max_violation": False}, "optim": {"backbone_lr_mult": 0.0}}}]})
+    e = spec.entries[0]
+    composed = runner.composed_config(spec, e, 0, runner.method_config(spec, e))
+    dm = runner.make_datamodule(composed["data"])
+    torch.manual_seed(0)
+    model = runner.build_model(e, composed, dm)
+    opt_cfg = model.configure_optimizers()
+    opt = opt_cfg["optimizer"] if isinstance(opt_cfg, dict) else opt_cfg
+    backbone = model.backbone_parameters()
+    assert backbone and all(not p.requires_grad for p in backbone)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not in_opt & {id(p) for p in backbone}
+    before = [p.detach().clone() for p in backbone]
+    head = [p for n, p in model.image_encoder.named_parameters() if not n.startswith("backbone.")]
+    head_before = [p.detach().clone() for p in head]
+    batch = next(iter(dm.train_dataloader()))
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        loss, _ = model.compute_loss(batch)
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, backbone))
+    assert head and any(not torch.equal(a, p) for a, p in zip(head_before, head))

@@ -433,10 +433,14 @@ def config_path(spec: Spec, entry: Entry) -> Path:
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge (``over`` wins); lists and scalars are replaced, not merged."""
+    """Recursive dict merge (``over`` wins); lists and scalars are replaced, not merged. A mapping that names another
+    ``name`` than the one it overrides (e.g. ``image_encoder: {name: hf, ...}`` over the config's ``small_cnn``)
+    replaces it whole: the other encoder's arguments do not apply to it."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        old = out.get(k)
+        renamed = isinstance(v, dict) and isinstance(old, dict) and "name" in v and v["name"] != old.get("name")
+        if isinstance(v, dict) and isinstance(old, dict) and not renamed:
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
