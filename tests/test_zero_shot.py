@@ -166,6 +166,15 @@ def test_pretrained_entry_runs_the_grid_untrained(tmp_path: Path, tiny_clip: Pat
     assert "Pretrained (not trained)" in md and "| seed |" not in md.split("## Training budget", 1)[1].split("##")[0]
     assert "CLIP ViT-B/32 (OpenAI weights), zero-shot | 78.9 / 94.9 / 98.2 | 58.8 / 83.6 / 90.0 | 504.4" in md
 
+    # `rcit-bench status` says what a never-trained entry is: evaluated, not "not started"
+    from rcit_bench.bench.status import sweep_status
+
+    assert [(s.state, s.done, s.pending) for s in sweep_status(loaded, runs)] == [("evaluated", 3, 0)]
+    for p in folder.glob("*.json"):
+        if p.name != "state.json":
+            p.unlink()
+    assert [s.state for s in sweep_status(loaded, runs)] == ["pretrained"]
+
 
 def test_the_datamodule_takes_the_tokenizer_from_the_method(tmp_path: Path, tiny_clip: Path) -> None:
     spec = validate_spec({**_spec(tmp_path, {"id": "clip", "method": "hf_dual_encoder", "regime": "pretrained",

@@ -19,7 +19,8 @@ from rcit_bench.utils import format_table
 
 __all__ = ["EntryStatus", "sweep_status", "format_status"]
 
-STATES = ("not started", "training", "trained", "evaluating")
+#: a `pretrained` entry is never trained: "pretrained" until its first cell, then "evaluating" / "evaluated"
+STATES = ("not started", "training", "trained", "evaluating", "pretrained", "evaluated")
 REASON_CHARS = 160
 
 
@@ -63,12 +64,12 @@ def sweep_status(spec: Spec | str | Path, results_dir: str | Path = "runs") -> l
         cells = spec.cells(entry)
         for seed in spec.seeds:
             out.append(_entry_status(RunStore.of(results_dir, spec.name, entry.id, seed), entry.id, entry.method,
-                                     seed, ehash, cells))
+                                     seed, ehash, cells, untrained=entry.regime == "pretrained"))
     return out
 
 
 def _entry_status(store: RunStore, entry_id: str, method: str, seed: int, ehash: str,
-                  cells: list[Any]) -> EntryStatus:
+                  cells: list[Any], untrained: bool = False) -> EntryStatus:
     done = failed = stale = 0
     first: tuple[str, str] | None = None
     for cell in cells:
@@ -92,7 +93,9 @@ def _entry_status(store: RunStore, entry_id: str, method: str, seed: int, ehash:
         if stale_lock is None:
             live = lock.describe(owner)
             owner_id = f"{owner.get('host', '?')}:{owner.get('pid', '?')}" if owner else "unknown"
-    if live is not None:
+    if untrained:  # loaded as published: nothing to train, only cells to evaluate
+        word = "evaluating" if live is not None else ("evaluated" if done + failed else "pretrained")
+    elif live is not None:
         word = "evaluating" if trained else "training"
     else:
         word = "trained" if trained else "not started"
