@@ -417,7 +417,7 @@ def verdicts(board: Board, rs: Resampler) -> list[str]:
             if spec.evaluation.get("clean") and (line := _verdict(rs, "clean test set, vs the baseline", e.id, base,
                                                                   ["clean"])):
                 lines.append(line)
-            if ic_cells and _evaluates(spec, e, "imagenet_c") and (line := _verdict(rs, "mean corrupted RSUM (ImageNet-C grid), vs the baseline", e.id,
+            if ic_cells and e.evaluates("imagenet_c") and (line := _verdict(rs, "mean corrupted RSUM (ImageNet-C grid), vs the baseline", e.id,
                                               base, ic_cells)):
                 lines.append(line)
     return lines
@@ -562,7 +562,7 @@ def rcit_table(board: Board, rs: Resampler | None = None) -> str:
     header = ["entry", "regime", "test corruption", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5",
               "t2i R@10", "RSUM [95% CI]"]
     text_rows, value_rows = [], []
-    for e in [x for x in board.spec.entries if _evaluates(board.spec, x, "rcit")]:
+    for e in [x for x in board.spec.entries if x.evaluates("rcit")]:
         for name in ["clean"] + list(rc["corruptions"]):
             cell = "clean" if name == "clean" else _rc(name, rate)
             label = "clean" if name == "clean" else f"{name} (rate {rate:g})"
@@ -579,13 +579,9 @@ def rcit_table(board: Board, rs: Resampler | None = None) -> str:
     return _md_table(header, text_rows)
 
 
-def _evaluates(spec: Spec, entry: Entry, kind: str) -> bool:
-    """Whether `entry` is evaluated on cells of `kind` (an entry's `evaluate` may narrow the spec's grid)."""
-    return entry.evaluate is None or kind in entry.evaluate
-
-
 def _evaluating(spec: Spec, kind: str) -> list[str]:
-    return [e.id for e in spec.entries if _evaluates(spec, e, kind)]
+    """The ids of the entries evaluated on cells of `kind`."""
+    return [e.id for e in spec.entries if e.evaluates(kind)]
 
 
 def noise_rows(spec: Spec) -> list[tuple[str, dict[float, str], str | None]]:
@@ -821,7 +817,7 @@ def plot_rate(board: Board, out_dir: Path) -> Path:
     names = rc["corruptions"]
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.0), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        for e in [x for x in board.spec.entries if _evaluates(board.spec, x, "rcit")]:
+        for e in [x for x in board.spec.entries if x.evaluates("rcit")]:
             xs, ys = [], []
             for r in [0.0] + list(rc["pixel_noise_rates"]):
                 v = board.cell_metric(e.id, "clean" if r == 0 else _rc(name, r))

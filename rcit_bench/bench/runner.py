@@ -30,6 +30,7 @@ from rcit_bench.bench.spec import (
     config_path,
     deep_merge,
     load_spec,
+    method_class,
     sha256_json,
 )
 from rcit_bench.bench.store import CheckpointError, RunStore, load_checkpoint
@@ -83,8 +84,6 @@ def datamodule_kwargs(spec: Spec, entry: Entry, seed: int, cfg: dict[str, Any]) 
     kw.pop("mismatch_rate", None)
     kw.pop("mismatch_seed", None)
     # a method with its own tokenizer (a pretrained model) names it: the data never has to agree with it by hand
-    from rcit_bench.bench.spec import method_class
-
     tokenizer = method_class(entry.method).tokenizer_for(dict(cfg.get("model") or {}))
     if tokenizer is not None:
         given = kw.get("text_encoder", "vocab")
@@ -539,8 +538,6 @@ def preflight(spec: Spec, entries: list[Entry]) -> None:
         try:
             composed = composed_config(spec, entry, spec.seeds[0], method_config(spec, entry))
             check_method_arguments(entry.method, composed)
-            from rcit_bench.bench.spec import method_class
-
             method_class(entry.method).check_model_config(composed["model"])  # e.g. pretrained weights at hand
             for arg in ("image_encoder", "text_encoder"):
                 if arg in composed["model"]:

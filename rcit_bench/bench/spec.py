@@ -214,6 +214,10 @@ class Entry:
     #: the cell kinds this entry is evaluated on (None: the whole grid of the spec)
     evaluate: list[str] | None = None
 
+    def evaluates(self, kind: str) -> bool:
+        """Whether this entry is evaluated on cells of `kind` (its `evaluate` may narrow the spec's grid)."""
+        return self.evaluate is None or kind in self.evaluate
+
 
 @dataclass
 class Spec:
@@ -265,7 +269,7 @@ class Spec:
             e = self.entry(entry) if isinstance(entry, str) else entry
             localizes, kinds = method_class(e.method).localizes, e.evaluate
         if kinds is not None:
-            return [c for c in self.cells() if c.kind in kinds and (c.kind != "pointing_game" or localizes)]
+            return [c for c in self.cells() if e.evaluates(c.kind) and (c.kind != "pointing_game" or localizes)]
         ev = self.evaluation
         cells: list[Cell] = []
         if ev["clean"]:
@@ -651,10 +655,9 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
                 if key in e:
                     raise UserError(f"Spec key `{w}.{key}` is a training option, but the entry's regime is "
                                      f"'{PRETRAINED}' (loaded, never trained); remove it.")
-        mseed = e.get("mismatch_seed", 0)
-        if isinstance(mseed, bool) or not isinstance(mseed, int) or mseed < 0:
-            raise UserError(f"Spec key `{w}.mismatch_seed` must be an integer >= 0 (which training captions are "
-                             f"mismatched), but got {mseed!r}.")
+        from rcit_bench.data.noise import check_mismatch_seed
+
+        mseed = check_mismatch_seed(e.get("mismatch_seed", 0), f"{w}.mismatch_seed")
         if "mismatch_seed" in e and not any(rates):
             raise UserError(f"Spec key `{w}.mismatch_seed` applies only with a `mismatch_rate` above 0; remove it or "
                              f"set `{w}.mismatch_rate`.")
@@ -682,7 +685,7 @@ def validate_spec(data: Any, path: str | Path | None = None, *, check_devices: b
         _check_name("baseline", baseline, ids)
 
     evaluation = _validate_evaluation(data["evaluation"], kind)
-    for i, x in enumerate(entries):
+    for x in entries:
         if x.evaluate is not None and not any(evaluation.get(k) for k in x.evaluate):
             raise UserError(f"Spec key `evaluate` of entry {x.id!r} selects {_fmt(x.evaluate)}, none of which the "
                              f"spec's `evaluation` grid enables; enable them there or change the entry's `evaluate`.")
@@ -745,18 +748,13 @@ def _check_mismatch(where: str, e: dict[str, Any]) -> tuple[list[float], bool]:
 
 
 def _check_small_loss(where: str, value: Any) -> bool | dict[str, Any] | None:
-    """`true` / `false` or a mapping of the small-loss selection's options (checked by the method)."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return True
-    if isinstance(value, dict):
-        from rcit_bench.models.small_loss import small_loss_options
+    """`true` / `false` or a mapping of the small-loss selection's options, checked by the method's own rule (a bad
+    key or value names the spec key); kept as written (None when off), so the hash follows the spec's text."""
+    from rcit_bench.models.small_loss import small_loss_options
 
-        small_loss_options(value, where)  # a bad key or value names the spec key
-        return copy.deepcopy(value)
-    raise UserError(f"Spec key `{where}` must be true, false or a mapping of options (e.g. {{warmup_epochs: 1}}), "
-                     f"but got {value!r}.")
+    if small_loss_options(value, where) is None:
+        return None
+    return copy.deepcopy(value)
 
 
 def _check_evaluate(where: str, value: Any) -> list[str] | None:

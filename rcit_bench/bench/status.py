@@ -14,6 +14,7 @@ from typing import Any
 from rcit_bench.bench import results as R
 from rcit_bench.bench.spec import Spec, load_spec
 from rcit_bench.bench.store import RunStore
+from rcit_bench.data.datasets import PRETRAINED  # torch-free
 from rcit_bench.errors import UserError
 from rcit_bench.utils import format_table
 
@@ -64,7 +65,7 @@ def sweep_status(spec: Spec | str | Path, results_dir: str | Path = "runs") -> l
         cells = spec.cells(entry)
         for seed in spec.seeds:
             out.append(_entry_status(RunStore.of(results_dir, spec.name, entry.id, seed), entry.id, entry.method,
-                                     seed, ehash, cells, untrained=entry.regime == "pretrained"))
+                                     seed, ehash, cells, untrained=entry.regime == PRETRAINED))
     return out
 
 

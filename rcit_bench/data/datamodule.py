@@ -318,11 +318,10 @@ class RetrievalDataModule(L.LightningDataModule):
         for arg, value in (("limit_train", limit_train), ("limit_val", limit_val), ("limit_test", limit_test)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise UserError(f"Argument `{arg}` must be a positive integer or None, but got {value!r}.")
-        from rcit_bench.data.noise import check_mismatch_rate
+        from rcit_bench.data.noise import check_mismatch_rate, check_mismatch_seed
 
         mismatch_rate = check_mismatch_rate(mismatch_rate, "mismatch_rate")
-        if isinstance(mismatch_seed, bool) or not isinstance(mismatch_seed, int) or mismatch_seed < 0:
-            raise UserError(f"Argument `mismatch_seed` must be an integer >= 0, but got {mismatch_seed!r}.")
+        mismatch_seed = check_mismatch_seed(mismatch_seed, "mismatch_seed")
         if info.needs_json and (json_path is None or root is None):
             raise UserError(f"dataset={dataset!r} needs `json_path` (the Karpathy JSON) and `root` (the image root).")
         if root is None and info.default_root is None:
@@ -440,10 +439,12 @@ class RetrievalDataModule(L.LightningDataModule):
     def mismatch_record(self) -> dict[str, Any]:
         """What a result file records of the correspondence noise: the nominal rate, the actual fraction of
         training captions paired with another image, the seed, and the counts."""
-        moved = self.mismatched_captions()
-        return {"mismatch_rate": self.mismatch_rate, "mismatch_actual": float(moved.double().mean()) if len(moved) else 0.0,
-                "mismatch_seed": self.mismatch_seed, "mismatched_captions": int(moved.sum()),
-                "train_captions": int(len(moved)), "split": "train"}
+        from rcit_bench.data.noise import mismatch_fraction
+
+        noisy, own = self.training_caption_to_image(), self.split("train").caption_to_image
+        return {"mismatch_rate": self.mismatch_rate, "mismatch_actual": mismatch_fraction(own, noisy),
+                "mismatch_seed": self.mismatch_seed, "mismatched_captions": int((noisy != own).sum()),
+                "train_captions": int(len(own)), "split": "train"}
 
     def _store(self, split: str) -> _ImageStore:
         if split not in self._stores:

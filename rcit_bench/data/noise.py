@@ -20,7 +20,7 @@ from torch import Tensor
 from rcit_bench.errors import UserError
 from rcit_bench.utils import stable_hash
 
-__all__ = ["mismatch_captions", "check_mismatch_rate", "mismatch_fraction"]
+__all__ = ["mismatch_captions", "check_mismatch_rate", "check_mismatch_seed", "mismatch_fraction"]
 
 _SEED_MOD = 2**31 - 1
 
@@ -31,6 +31,14 @@ def check_mismatch_rate(rate: object, where: str = "mismatch_rate") -> float:
         raise UserError(f"`{where}` must be a fraction of training pairs in [0, 1) (e.g. 0.2 for 20% mismatched "
                         f"captions), but got {rate!r}.")
     return float(rate)
+
+
+def check_mismatch_seed(seed: object, where: str = "mismatch_seed") -> int:
+    """`seed` as an int >= 0, else a UserError naming `where`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"`{where}` must be an integer >= 0, but got {seed!r} (it chooses which training captions "
+                        f"are mismatched).")
+    return int(seed)
 
 
 def mismatch_captions(caption_to_image: Tensor, rate: float, seed: int) -> Tensor:

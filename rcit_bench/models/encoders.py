@@ -356,22 +356,24 @@ class HFImageEncoder(ImageEncoder):
         return out[:, self.num_prefix_tokens:] if out.ndim == 3 else out
 
 
+def _hf_path(arg: str, spec: str | None, pretrained: str | None) -> str:
+    """The directory (or hub id) of an ``hf`` tower: ``pretrained``, or the name's ``hf:<path>`` part."""
+    path = pretrained or spec
+    if not path:
+        raise UserError(f"Argument `{arg}`: write {{name: hf, pretrained: <save_pretrained directory>}}.")
+    return path
+
+
 @register_image_encoder("hf")
 def _build_hf_image(spec: str | None, embed_dim: int, pretrained: str | None = None,
                     local_files_only: bool = True) -> HFImageEncoder:
-    path = pretrained or spec
-    if not path:
-        raise UserError("Argument `image_encoder`: write {name: hf, pretrained: <save_pretrained directory>}.")
-    return HFImageEncoder(path, embed_dim, local_files_only=local_files_only)
+    return HFImageEncoder(_hf_path("image_encoder", spec, pretrained), embed_dim, local_files_only=local_files_only)
 
 
 @register_text_encoder("hf")
 def _build_hf_text(spec: str | None, embed_dim: int, vocab_size: int | None = None, pretrained: str | None = None,
                    local_files_only: bool = True) -> HFTextEncoder:
-    path = pretrained or spec
-    if not path:
-        raise UserError("Argument `text_encoder`: write {name: hf, pretrained: <save_pretrained directory>}.")
-    return HFTextEncoder(path, embed_dim, local_files_only=local_files_only)
+    return HFTextEncoder(_hf_path("text_encoder", spec, pretrained), embed_dim, local_files_only=local_files_only)
 
 
 @register_text_encoder("gru")
