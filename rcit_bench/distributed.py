@@ -17,7 +17,7 @@ specs stay portable between a CPU laptop and a GPU node, and :func:`maybe_compil
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from rcit_bench.utils import check_choice
 
 log = logging.getLogger(__name__)
 
-SHARD_MODES = ("contiguous", "strided")
+SHARD_MODES = ("contiguous", "strided", "batches")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
@@ -52,6 +52,22 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def barrier() -> None:
+    """Wait for every rank; nothing without a process group."""
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` (picklable) on every rank; `obj` itself without a process group. Used where one rank
+    decides (what to train, which checkpoint to resume) and every rank must act on the same decision."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def _resolve_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     world_size = get_world_size() if world_size is None else world_size
     rank = get_rank() if rank is None else rank
@@ -67,11 +83,14 @@ def _resolve_rank_world(rank: int | None, world_size: int | None) -> tuple[int, 
 
 
 def shard_indices(n: int, rank: int | None = None, world_size: int | None = None,
-                  mode: str = "contiguous") -> list[int]:
-    """The dataset indices of one rank's shard, without padding (shard sizes differ by at most one).
+                  mode: str = "contiguous", batch_size: int | None = None) -> list[int]:
+    """The dataset indices of one rank's shard, without padding; the shards partition ``range(n)``.
 
     ``contiguous``: rank r gets one block, the first ``n % world_size`` ranks one item more.
-    ``strided``: rank r gets ``r, r + world_size, ...``. Either way the shards partition ``range(n)``.
+    ``strided``: rank r gets ``r, r + world_size, ...``.
+    ``batches``: rank r gets one contiguous block of whole batches of ``batch_size`` (the first ranks one batch
+    more), so every batch a rank encodes is a batch the single-process loader would encode, with the same
+    items: representations are then bit-identical to the single-process ones, not only equal up to rounding.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise UserError(f"Argument `n` must be a non-negative integer, but got {n!r}.")
@@ -79,6 +98,12 @@ def shard_indices(n: int, rank: int | None = None, world_size: int | None = None
     rank, world_size = _resolve_rank_world(rank, world_size)
     if mode == "strided":
         return list(range(rank, n, world_size))
+    if mode == "batches":
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"Argument `batch_size` must be a positive integer with mode='batches', but got "
+                             f"{batch_size!r}.")
+        blocks = shard_indices(-(-n // batch_size), rank, world_size, "contiguous")
+        return list(range(blocks[0] * batch_size, min(n, (blocks[-1] + 1) * batch_size))) if blocks else []
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return list(range(start, start + base + (1 if rank < extra else 0)))
@@ -93,8 +118,8 @@ class ShardSampler(Sampler[int]):
     """
 
     def __init__(self, n: int, rank: int | None = None, world_size: int | None = None,
-                 mode: str = "contiguous") -> None:
-        self.indices = shard_indices(n, rank, world_size, mode)
+                 mode: str = "contiguous", batch_size: int | None = None) -> None:
+        self.indices = shard_indices(n, rank, world_size, mode, batch_size)
         self.n, self.mode = n, mode
 
     def __iter__(self) -> Iterator[int]:
@@ -105,7 +130,7 @@ class ShardSampler(Sampler[int]):
 
 
 def shard_loader(loader: DataLoader, rank: int | None = None, world_size: int | None = None,
-                 mode: str = "contiguous") -> tuple[DataLoader, torch.Tensor]:
+                 mode: str = "batches") -> tuple[DataLoader, torch.Tensor]:
     """Rebuild an evaluation DataLoader over one rank's shard of its dataset.
 
     Returns the new loader and the global (dataset) indices of its items in iteration order,
@@ -117,7 +142,7 @@ def shard_loader(loader: DataLoader, rank: int | None = None, world_size: int | 
                          f"dataset is an IterableDataset ({type(loader.dataset).__name__}).")
     if loader.batch_size is None:
         raise UserError("Argument `loader` must use `batch_size` (not a custom `batch_sampler`) to be sharded.")
-    sampler = ShardSampler(len(loader.dataset), rank, world_size, mode)
+    sampler = ShardSampler(len(loader.dataset), rank, world_size, mode, loader.batch_size)
     kwargs: dict[str, Any] = dict(
         batch_size=loader.batch_size, sampler=sampler, shuffle=False, drop_last=False,
         num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
@@ -222,12 +247,14 @@ def _reorder(reps: dict[str, torch.Tensor], indices: torch.Tensor) -> dict[str, 
 
 
 def distributed_encode(model: torch.nn.Module, loader: DataLoader, kind: str, *,
-                       mode: str = "contiguous") -> dict[str, torch.Tensor]:
+                       mode: str = "batches", wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None
+                       ) -> dict[str, torch.Tensor]:
     """Encode a loader's items ('image' or 'text') split over ranks; full reps on every rank.
 
     Each rank encodes its shard with :func:`rcit_bench.evaluation.encode_images` / ``encode_texts``; the
     shards are gathered by their ``image_index`` / ``caption_index`` entry, so the result (index entry
-    included) equals the single-process ``encode_*`` output.
+    included) equals the single-process ``encode_*`` output (bit for bit with mode 'batches'). ``wrap``: applied
+    to this rank's batches before encoding (e.g. :class:`rcit_bench.evaluation.ImageChange` measuring them).
     """
     check_choice("kind", kind, ("image", "text"))
     from rcit_bench.evaluation import encode_images, encode_texts
@@ -236,9 +263,21 @@ def distributed_encode(model: torch.nn.Module, loader: DataLoader, kind: str, *,
     index_key = "image_index" if kind == "image" else "caption_index"
     reps: dict[str, torch.Tensor] = {}
     if len(idx) > 0:
-        reps = (encode_images if kind == "image" else encode_texts)(model, shard)
+        reps = (encode_images if kind == "image" else encode_texts)(model, wrap(shard) if wrap else shard)
         idx = reps[index_key]
     return gather_reps(reps, idx, device=_model_device(model))
+
+
+def all_reduce_numbers(values: Mapping[str, float], op: str = "sum") -> dict[str, float]:
+    """Sum (or max) a few scalars over ranks, in float64; unchanged without a process group. Every rank must call
+    it with the same keys."""
+    check_choice("op", op, ("sum", "max"))
+    if not is_distributed():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -260,7 +299,7 @@ def distributed_evaluate(
     perturbation: str | None = None,
     level: int | None = None,
     text_reps: Mapping[str, torch.Tensor] | None = None,
-    mode: str = "contiguous",
+    mode: str = "batches",
 ) -> dict[str, float]:
     """Retrieval metrics of ``model`` with the encoding split over all ranks; same result on every rank.
 

@@ -177,7 +177,13 @@ def evaluate_ranks(
 
 class CellEvaluator:
     """Evaluates cells of one model, caching what does not depend on the cell: caption reps (encoded once),
-    clean image reps (once, reused by the clean and all text-perturbation cells)."""
+    clean image reps (once, reused by the clean and all text-perturbation cells).
+
+    Under several processes (a DDP job) every rank encodes its block of whole batches of images and captions
+    (rcit_bench.distributed.distributed_encode) and the blocks are gathered, so the representations are the
+    single-process ones bit for bit; only rank 0 ranks them and returns the cell's result, the other ranks return
+    None (rank 0 writes the result files). The pointing game runs on rank 0 alone.
+    """
 
     def __init__(self, model: Any, dm: Any, seed: int, split: str = "test", coco_1k: bool = False) -> None:
         self.model, self.dm, self.seed, self.split, self.coco_1k = model, dm, seed, split, coco_1k
@@ -191,47 +197,68 @@ class CellEvaluator:
             self._c2i = self.dm.caption_to_image(self.split)
         return self._c2i
 
+    def _encode(self, kind: str, loader: Iterable[dict[str, Any]], change: "ImageChange | None" = None) -> dict[str, Any]:
+        from rcit_bench.distributed import distributed_encode, is_distributed
+
+        wrap = change.wrap if change is not None else None
+        if is_distributed():
+            return distributed_encode(self.model, loader, kind, wrap=wrap)  # type: ignore[arg-type]
+        batches = wrap(loader) if wrap is not None else loader
+        return (encode_images if kind == "image" else encode_texts)(self.model, batches)
+
     def text_reps(self) -> dict[str, Any]:
         if self._text is None:
-            self._text = encode_texts(self.model, self.dm.caption_loader(self.split))
+            self._text = self._encode("text", self.dm.caption_loader(self.split))
         return self._text
 
     def image_reps(self, corruption: str | None = None, severity: int | None = None,
-                   rate: float | None = None, batches: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
+                   rate: float | None = None, batches: Iterable[dict[str, Any]] | None = None,
+                   change: "ImageChange | None" = None) -> dict[str, Any]:
         if corruption is None and self._clean_images is not None:
             return self._clean_images
         if batches is None:
             batches = self.dm.image_loader(self.split, corruption=corruption, severity=severity, rate=rate)
-        reps = encode_images(self.model, batches)
+        reps = self._encode("image", batches, change)
         if corruption is None:
             self._clean_images = reps
         return reps
 
     def __call__(self, cell: Any, images: Iterable[dict[str, Any]] | None = None) -> Any:
         """One cell: a :class:`~rcit_bench.evaluation.CellEvaluation` (metrics, per-query ranks, ties, and for
-        image corruptions how far the images moved), or the pointing game's metrics dict. `images`: the cell's
-        (corrupted) test image batches when already built for another entry (they depend only on the dataset,
-        seed and cell, not on the model)."""
+        image corruptions how far the images moved), or the pointing game's metrics dict; None on ranks other than
+        0 of a multi-process job. `images`: the cell's (corrupted) test image batches when already built for
+        another entry (they depend only on the dataset, seed and cell, not on the model); one process only."""
+        from rcit_bench.distributed import get_rank, is_distributed
+
+        if images is not None and is_distributed():
+            raise ValueError("CellEvaluator: pre-built `images` cannot be sharded over processes; pass None.")
+        lead = get_rank() == 0
         if cell.kind == "pointing_game":
+            if not lead:
+                return None
             from rcit_bench.localization import pointing_game
 
             out = pointing_game(self.model, self.dm, corruption=cell.corruption, severity=cell.severity,
                                 rate=cell.rate, split=self.split, seed=self.seed)
             return {k: float(v) for k, v in out.items()}
         if cell.kind == "text":
-            texts = encode_texts(self.model, self.dm.caption_loader(self.split, perturbation=cell.perturbation,
-                                                                    level=cell.level))
-            return evaluate_ranks(self.model, self.image_reps(batches=images), texts, self.c2i, coco_1k=self.coco_1k)
+            texts = self._encode("text", self.dm.caption_loader(self.split, perturbation=cell.perturbation,
+                                                                level=cell.level))
+            reps = self.image_reps(batches=images)
+            return evaluate_ranks(self.model, reps, texts, self.c2i, coco_1k=self.coco_1k) if lead else None
         change = None
         if cell.corruption is not None:
             if images is None:
                 images = self.dm.image_loader(self.split, corruption=cell.corruption, severity=cell.severity,
                                               rate=cell.rate)
             change = ImageChange(self.dm.image_loader(self.split))
-            images = change.wrap(images)
-        reps = self.image_reps(cell.corruption, cell.severity, cell.rate, batches=images)
-        out = evaluate_ranks(self.model, reps, self.text_reps(), self.c2i, coco_1k=self.coco_1k)
-        out.image_change = None if change is None else change.result()
+        reps = self.image_reps(cell.corruption, cell.severity, cell.rate, batches=images, change=change)
+        texts = self.text_reps()
+        moved = None if change is None else change.result()  # a collective under several processes: every rank
+        if not lead:
+            return None
+        out = evaluate_ranks(self.model, reps, texts, self.c2i, coco_1k=self.coco_1k)
+        out.image_change = moved
         return out
 
 
@@ -248,11 +275,21 @@ class ImageChange:
     without this figure such a cell would read as "robust to pixelate"."""
 
     def __init__(self, clean_batches: Iterable[dict[str, Any]]) -> None:
-        self._clean = iter(clean_batches)
+        self._clean_source = clean_batches
+        self._clean: Any = None
         self.images = self.values = self.unchanged = 0
         self.abs_sum = self.sq_sum = self.max_abs = 0.0
 
     def wrap(self, batches: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        """Measure `batches` against the clean batches while passing them on. A sharded loader (one rank's part,
+        rcit_bench.distributed.shard_loader) is compared with the same shard of the clean loader."""
+        from rcit_bench.distributed import shard_loader
+
+        sampler = getattr(batches, "sampler", None)
+        clean = self._clean_source
+        if hasattr(sampler, "indices") and isinstance(clean, torch.utils.data.DataLoader):
+            clean = shard_loader(clean, mode=sampler.mode)[0]
+        self._clean = iter(clean)
         for batch in batches:
             clean = next(self._clean)
             if not torch.equal(torch.as_tensor(clean["image_index"]), torch.as_tensor(batch["image_index"])):
@@ -268,6 +305,15 @@ class ImageChange:
             yield batch
 
     def result(self) -> dict[str, Any]:
+        """The figures over the whole split: under several processes each rank measured its shard and the sums
+        (and the maximum) are reduced over ranks, so every rank must call it."""
+        from rcit_bench.distributed import all_reduce_numbers
+
+        sums = all_reduce_numbers({"images": self.images, "values": self.values, "abs_sum": self.abs_sum,
+                                   "sq_sum": self.sq_sum, "unchanged": self.unchanged})
+        self.max_abs = all_reduce_numbers({"max_abs": self.max_abs}, op="max")["max_abs"]
+        self.images, self.values, self.unchanged = int(sums["images"]), int(sums["values"]), int(sums["unchanged"])
+        self.abs_sum, self.sq_sum = sums["abs_sum"], sums["sq_sum"]
         if not self.values:
             return {"images": 0}
         mse = self.sq_sum / self.values

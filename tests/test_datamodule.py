@@ -63,8 +63,33 @@ def test_same_seed_same_batches_new_epoch_new_order(synth_root):
     e0 = torch.cat([b["caption_index"] for b in loader])
     e1 = torch.cat([b["caption_index"] for b in loader])  # next iteration = next epoch
     assert not torch.equal(e0, e1)
-    loader.sampler.set_epoch(0)  # what Lightning calls before each epoch
+    loader.batch_sampler.sampler.set_epoch(0)  # what Lightning calls before each epoch
     assert torch.equal(torch.cat([b["caption_index"] for b in loader]), e0)
+
+
+@pytest.mark.parametrize("n, batch, world", [(100, 8, 2), (100, 7, 3), (10, 4, 3), (9, 9, 1)])
+def test_rank_parts_of_global_batches_are_the_single_process_batches(n, batch, world):
+    """Each rank's part of a global batch, concatenated in rank order, is the batch one process draws (in order),
+    for every epoch; the last global batch is dropped only when it is smaller than the world size."""
+    from rcit_bench.data.datamodule import _EpochSampler, _GlobalBatchSampler
+
+    one = _GlobalBatchSampler(_EpochSampler(n, seed=3), batch_size=batch)
+    parts = [_GlobalBatchSampler(_EpochSampler(n, seed=3), batch_size=batch, rank=r, world_size=world)
+             for r in range(world)]
+    for epoch in (0, 1):
+        for s in (one, *parts):
+            s.sampler.set_epoch(epoch)
+        single = list(one)
+        ranked = [list(p) for p in parts]
+        assert len({len(r) for r in ranked}) == 1  # DDP: every rank takes the same number of steps
+        keep = [b for b in single if len(b) >= world]
+        assert len(keep) == len(ranked[0]) == len(parts[0])
+        for k, batch_k in enumerate(keep):
+            assert sum((r[k] for r in ranked), []) == batch_k
+            sizes = [len(r[k]) for r in ranked]
+            assert max(sizes) - min(sizes) <= 1
+        assert all(e == epoch for b in single for _, e in b)
+    assert sorted(i for b in single for i, _ in b) == list(range(n))  # one process sees every caption
 
 
 def test_eval_images_deterministic_across_workers_and_batch_sizes(synth_root):

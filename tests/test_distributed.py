@@ -216,12 +216,25 @@ def test_shard_errors() -> None:
 
 def test_shard_loader_keeps_loader_settings() -> None:
     img_loader, cap_loader = loaders()
-    shard, idx = shard_loader(cap_loader, rank=1, world_size=2)
+    _, idx = shard_loader(cap_loader, rank=1, world_size=2, mode="contiguous")
     assert idx.tolist() == list(range(93, 185))  # 185 = 93 + 92
+    # default: whole batches of 7, 27 batches = 14 + 13, so rank 1 starts at item 14 * 7 = 98
+    shard, idx = shard_loader(cap_loader, rank=1, world_size=2)
+    assert idx.tolist() == list(range(98, 185))
     batches = list(shard)
     assert batches[0]["tokens"].dtype == torch.long  # custom collate kept
     assert torch.cat([b["caption_index"] for b in batches]).tolist() == idx.tolist()
     assert len(batches[0]["caption_index"]) == 7
+    # every batch of a shard is a batch of the single-process loader, item for item
+    single = [b["caption_index"].tolist() for b in cap_loader]
+    assert [b["caption_index"].tolist() for b in batches] == single[14:]
+
+
+@pytest.mark.parametrize("n, batch, world", [(185, 7, 2), (10, 4, 3), (3, 4, 2), (0, 4, 2)])
+def test_batch_shards_partition_and_align_with_batches(n: int, batch: int, world: int) -> None:
+    shards = [shard_indices(n, r, world, "batches", batch) for r in range(world)]
+    assert sum(shards, []) == list(range(n))
+    assert all(s[0] % batch == 0 for s in shards if s)
 
 
 def test_gather_reps_without_process_group_reorders_and_rejects_duplicates() -> None:

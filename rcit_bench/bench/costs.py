@@ -224,7 +224,9 @@ def _measure_entry(spec: Any, entry: Any, seed: int) -> tuple[EntryCosts, Any]:
     step_s = fit_overhead_s = 0.0
     if trains(entry):
         timer = _step_timer()
-        keep = {k: tkw[k] for k in ("accelerator", "devices", "precision", "gradient_clip_val") if k in tkw}
+        # one process: a multi-process entry is estimated from its 1-process step (benchmarks/ddp_overhead.py
+        # measures what more processes change)
+        keep = {k: tkw[k] for k in ("accelerator", "precision", "gradient_clip_val") if k in tkw}
         trainer = L.Trainer(max_steps=WARMUP_STEPS + TIMED_STEPS, limit_val_batches=0, num_sanity_val_steps=0,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[timer], **keep)

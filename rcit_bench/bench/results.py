@@ -83,7 +83,7 @@ def provenance(**extra: Any) -> dict[str, Any]:
 
 #: Optional record sections (see :func:`make_record`).
 RECORD_SECTIONS = ("ties", "intervals", "ranks_file", "image_change", "corruption_source", "training", "config",
-                   "config_hash", "correspondence_noise")
+                   "config_hash", "correspondence_noise", "parallelism")
 
 
 def make_record(*, spec_name: str, spec_hash: str, entry_hash: str, entry: dict[str, Any], seed: int,
@@ -96,7 +96,8 @@ def make_record(*, spec_name: str, spec_hash: str, entry_hash: str, entry: dict[
     record), ``image_change`` (how far the test images moved from the clean ones), ``corruption_source`` (what
     the corruption's pixels come from, when that can differ: frost), ``training`` (the budget
     the model used), ``config`` / ``config_hash`` (the one composed configuration of the entry and seed),
-    ``correspondence_noise`` (the nominal and actual mismatch rate of the training pairs, and its seed).
+    ``correspondence_noise`` (the nominal and actual mismatch rate of the training pairs, and its seed),
+    ``parallelism`` (world size, per-rank and global batch, device type and process group backend).
     """
     if status not in STATUSES:
         raise ValueError(f"Argument `status` must be one of {STATUSES}, but got {status!r}.")

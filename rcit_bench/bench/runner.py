@@ -36,6 +36,7 @@ from rcit_bench.bench.spec import (
 from rcit_bench.bench.store import CheckpointError, RunStore, load_checkpoint
 from rcit_bench.bench.wandb_log import WandbRun
 from rcit_bench.data.datasets import PRETRAINED, dataset_info
+from rcit_bench.distributed import barrier, broadcast_object, get_rank, get_world_size, is_distributed
 from rcit_bench.errors import UserError
 from rcit_bench.evaluation import CellEvaluation, CellEvaluator
 
@@ -149,12 +150,54 @@ def _seed(seed: int) -> None:
 
 
 def _eval_device(trainer_kw: dict[str, Any]) -> Any:
+    """The device a trained model is evaluated on: the GPU when there is one (in a multi-process job, the rank's own
+    GPU, LOCAL_RANK), else the CPU."""
+    import os
+
     import torch
 
     acc = str(trainer_kw.get("accelerator", "auto"))
     if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0)
     return torch.device("cpu")
+
+
+def parallelism_record(trainer_kw: dict[str, Any], global_batch: int | None) -> dict[str, Any]:
+    """The ``parallelism`` section of every result record: how many processes trained and evaluated the model, the
+    batch per rank and in all, and the device type (and process group backend)."""
+    import torch
+
+    world = get_world_size()
+    device = _eval_device(trainer_kw).type
+    backend = None
+    if is_distributed():
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+    return {"world_size": world, "per_rank_batch": None if global_batch is None else global_batch // world,
+            "global_batch": global_batch,
+            "device_type": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
+            "backend": backend}
+
+
+def _load(spec_path: str | Path) -> Spec:
+    """A spec file or shipped name; a ``.spec.pkl`` is a Spec built in memory that a multi-process job's launcher
+    pickled for its ranks."""
+    if str(spec_path).endswith(".spec.pkl"):
+        import pickle
+
+        return pickle.loads(Path(spec_path).read_bytes())
+    return load_spec(spec_path)
+
+
+def _chosen_seeds(spec: Spec, seeds: Iterable[int] | None) -> list[int]:
+    if seeds is None:
+        return list(spec.seeds)
+    chosen = [int(s) for s in seeds]
+    unknown = [s for s in chosen if s not in spec.seeds]
+    if unknown:
+        raise UserError(f"Argument `seeds` must be seeds of spec {spec.name!r} ({list(spec.seeds)}), but got {unknown}.")
+    return chosen
 
 
 def _rng_states() -> dict[str, Any]:
@@ -354,9 +397,14 @@ def train(model: Any, dm: Any, store: RunStore, seed: int, trainer_kw: dict[str,
     if progress is not None:  # the sweep's display shows epoch and step; Lightning's own bar only when asked for
         callbacks.append(progress_callback(progress))
         kw.setdefault("enable_progress_bar", log.isEnabledFor(logging.DEBUG))
+    if is_distributed():  # each rank loads its part of every global batch itself (RetrievalDataModule)
+        kw["use_distributed_sampler"] = False
+        if kw.get("strategy", "auto") == "auto":  # heads a method does not train on (e.g. word features) stay unused
+            kw["strategy"] = "ddp_find_unused_parameters_true"
     trainer = L.Trainer(default_root_dir=str(store.folder), callbacks=callbacks, logger=wb.lightning_logger() or False,
                         **kw)
-    trainer.fit(model, datamodule=dm, ckpt_path=store.resumable(), weights_only=True)
+    resume = broadcast_object(store.resumable() if get_rank() == 0 else None)  # rank 0 may set a corrupt one aside
+    trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
     last = store.last_checkpoint
     best = ckpt.best_model_path if ckpt.best_model_path and Path(ckpt.best_model_path).is_file() else ""
     best = best or (str(last) if last.is_file() else "")
@@ -417,6 +465,7 @@ def run_spec(
     wait_for_lock: bool = False,
     estimate: bool = False,
     live: bool | None = None,
+    seeds: Iterable[int] | None = None,
 ) -> SweepSummary:
     """Train and evaluate every (entry, seed) of a spec, writing one result file per cell.
 
@@ -428,23 +477,36 @@ def run_spec(
       estimate: before training, read the unit costs of the last run on this machine or measure them (a few
       seconds an entry), print the plan with its predicted time, and base the ETA on it (see bench.costs).
       live: a status line redrawn in place (default: when stderr is a terminal), else plain progress lines.
+      seeds: run only these of the spec's seeds (default all).
+
+    An entry whose ``trainer.devices`` asks for W > 1 processes runs as a multi-process job
+    (rcit_bench.bench.multiprocess.run_job): W ranks, each calling this function for that (entry, seed) inside the
+    process group. There the runner is rank-aware: rank 0 decides what to train and evaluate (and broadcasts it) and
+    alone writes result files, run state, configs and the W&B run; every rank trains on its part of each global
+    batch and encodes its shard of the test data.
     """
     from rcit_bench.bench.progress import LiveLine
 
-    spec = spec_path if isinstance(spec_path, Spec) else load_spec(spec_path)
+    spec = spec_path if isinstance(spec_path, Spec) else _load(spec_path)
     only_ids = [only] if isinstance(only, str) else list(only or [])
     entries = [spec.entry(e) for e in only_ids] if only_ids else list(spec.entries)
+    seed_list = _chosen_seeds(spec, seeds)
     results_dir = Path(results_dir)
+    in_job, lead = is_distributed(), get_rank() == 0
     summary = SweepSummary(spec.name, results_dir)
-    summary.total_cells = sum(len(spec.cells(e)) for e in entries) * len(spec.seeds)
+    summary.total_cells = sum(len(spec.cells(e)) for e in entries) * len(seed_list)
     log.info("spec %s (hash %s): %d entries x %d seeds, %d cells", spec.name, spec.hash[:12], len(entries),
-             len(spec.seeds), summary.total_cells)
+             len(seed_list), summary.total_cells)
     t0 = time.monotonic()
-    preflight(spec, entries)
-    pending = {(e.id, seed): RunStore.of(results_dir, spec.name, e.id, seed).pending(spec.cells(e),
-                                                                                  spec.entry_hash(e.id), force)
-               for seed in spec.seeds for e in entries}
-    if not wait_for_lock:  # a run that would stop at another run's lock stops now, before measuring anything
+    worlds = preflight(spec, entries) if lead else None  # rank 0 checks (and generates synthetic data) first
+    worlds = broadcast_object(worlds)
+    if in_job and any(worlds[e.id] != get_world_size() for e in entries):
+        raise UserError(f"run_spec inside a process group of {get_world_size()} processes can only run entries with "
+                        f"`trainer.devices` {get_world_size()}; got {', '.join(f'{e.id} ({worlds[e.id]})' for e in entries)}. "
+                        f"Run each multi-process entry as its own job (`only=`).")
+    pending = broadcast_object({(e.id, seed): RunStore.of(results_dir, spec.name, e.id, seed).pending(
+        spec.cells(e), spec.entry_hash(e.id), force) for seed in seed_list for e in entries} if lead else None)
+    if not wait_for_lock and lead:  # a run that would stop at another run's lock stops now, before measuring anything
         for (entry_id, seed), cells in pending.items():
             if cells:
                 RunStore.of(results_dir, spec.name, entry_id, seed).lock.check()
@@ -453,13 +515,17 @@ def run_spec(
     display = LiveLine() if live else contextlib.nullcontext()
     with display:
         progress = SweepProgress(summary.total_cells, plan=sweep_plan, live=display if live else None,
-                                 trace=results_dir / spec.name / "progress.jsonl", start=t0)
+                                 trace=results_dir / spec.name / "progress.jsonl" if lead else None, start=t0)
         progress.add_phase("checks and unit costs", time.monotonic() - t0)
-        progress.n_fits = progress.n_fits or len(entries) * len(spec.seeds)
-        for seed in spec.seeds:
+        progress.n_fits = progress.n_fits or len(entries) * len(seed_list)
+        for seed in seed_list:
             prepared: list[_Prepared] = []
             try:
                 for e in entries:
+                    if worlds[e.id] > 1 and not in_job:  # its own W processes train and evaluate it
+                        _run_multiprocess(spec, e, seed, worlds[e.id], results_dir, force, use_wandb,
+                                          wait_for_lock, progress, summary)
+                        continue
                     p = _prepare(spec, e, seed, results_dir, force, use_wandb, wait_for_lock, progress, summary)
                     if p is not None:
                         prepared.append(p)
@@ -483,6 +549,63 @@ def run_spec(
 
     log.info("%s", final_report(spec, entries, results_dir, progress, summary))
     return summary
+
+
+def _run_multiprocess(spec: Spec, entry: Entry, seed: int, world: int, results_dir: Path, force: bool,
+                      use_wandb: bool, wait_for_lock: bool, progress: SweepProgress, summary: SweepSummary) -> None:
+    """Train and evaluate one (entry, seed) as a job of `world` processes (rcit_bench.bench.multiprocess.run_job)
+    and account for the result files its rank 0 wrote. A rank that fails stops the job: RankFailed is raised, as
+    any training error is, after the finished cells are kept."""
+    import pickle
+    import tempfile
+
+    from rcit_bench.bench.multiprocess import run_job
+
+    where = f"{entry.id}/seed{seed}"
+    store = RunStore.of(results_dir, spec.name, entry.id, seed)
+    ehash = spec.entry_hash(entry.id)
+    cells = spec.cells(entry)
+    pending = store.pending(cells, ehash, force)
+    if not pending:
+        progress.message(f"{where}: all {len(cells)} cells done, skipping")
+        progress.skip(len(cells))
+        progress.fit_not_needed(entry.id, seed)
+        return
+    progress.skip(len(cells) - len(pending))
+    if not wait_for_lock:
+        store.lock.check()
+    was_trained = bool(store.trained_checkpoint(ehash)) and not force
+    composed = composed_config(spec, entry, seed, method_config(spec, entry))
+    progress.entry_started(entry.id, seed, f"{entry.method}, {entry.regime} regime, {world} processes")
+    progress.message(f"{where}: {world} processes train and evaluate it (rank 0 writes the results)")
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="rcit-bench-spec-") as tmp:
+        spec_file = spec.path
+        if spec_file is None:  # a spec built in memory: its ranks unpickle the very same object
+            spec_file = Path(tmp) / f"{spec.name}.spec.pkl"
+            spec_file.write_bytes(pickle.dumps(spec))
+        run_job(spec_file, entry.id, seed, world, results_dir=results_dir, force=force, use_wandb=use_wandb,
+                wait_for_lock=wait_for_lock, accelerator=composed["trainer"].get("accelerator", "auto"),
+                pid_file=store.folder / "ranks.json")
+    state = store.state()
+    if state.get("trained") and not was_trained:
+        summary.trained.append(where)
+        progress.fit_done(_fit_summary(state.get("training") or {}))
+    else:
+        progress.fit_not_needed(entry.id, seed)
+    per_cell = (time.monotonic() - t0) / len(pending)
+    for k, cell in enumerate(pending):
+        record = R.read_result(store.cell_path(cell.id)) or {}
+        status = record.get("status", "missing")
+        if status == "ok":
+            summary.evaluated += 1
+        else:
+            summary.failed += 1
+        if k == 0:
+            progress.evaluation_started(seed, len(pending))
+        progress.cell_done(entry.id, seed, cell, status if status == "ok" else f"failed: {record.get('reason', status)}",
+                           per_cell, first_of_entry=k == 0)
+    progress.evaluation_done()
 
 
 def _plan(spec: Spec, entries: list[Entry], results_dir: Path, force: bool, use_wandb: bool,
@@ -523,15 +646,19 @@ def _save_measured_costs(spec: Spec, results_dir: Path, costs: Any, progress: Sw
     save_unit_costs(results_dir, spec, cached)
 
 
-def preflight(spec: Spec, entries: list[Entry]) -> None:
+def preflight(spec: Spec, entries: list[Entry]) -> dict[str, int]:
     """Check everything that can be checked before the first entry trains, and report every problem at once:
     each entry's composed config (overrides merged, model arguments the method accepts, datamodule arguments),
-    and every split of every dataset the entries use (loaded and validated, the first image of each decoded).
-    Nothing is trained and no model is allocated."""
+    its number of processes (no more than the devices here, a global batch that splits evenly over them), and
+    every split of every dataset the entries use (loaded and validated, the first image of each decoded).
+    Nothing is trained and no model is allocated. Returns each entry's number of processes."""
+    from rcit_bench.bench.multiprocess import check_world
+
     from rcit_bench.data.datamodule import RetrievalDataModule
     from rcit_bench.models.registry import check_encoder
 
     problems: list[str] = []
+    worlds: dict[str, int] = {}
     datamodules: dict[str, Any] = {}
     mismatched: list[tuple[Entry, Any]] = []  # entries with correspondence noise, and the datamodule of their data
     for entry in entries:
@@ -543,6 +670,7 @@ def preflight(spec: Spec, entries: list[Entry]) -> None:
                 if arg in composed["model"]:
                     check_encoder(arg, composed["model"][arg])
             dm = RetrievalDataModule(**composed["data"])
+            worlds[entry.id] = check_world(entry.id, composed["trainer"], dm.batch_size)
             dm = datamodules.setdefault(dm.test_data_key(), dm)
             if entry.mismatch_rate:
                 mismatched.append((entry, dm))
@@ -564,6 +692,7 @@ def preflight(spec: Spec, entries: list[Entry]) -> None:
             problems.append(f"entry `{entry.id}` (mismatch_rate {entry.mismatch_rate:g}): {err}")
     if problems:
         raise UserError(f"spec {spec.name!r} cannot run, nothing was trained:\n  - " + "\n  - ".join(problems))
+    return worlds
 
 
 def check_method_arguments(method: str, config: dict[str, Any]) -> None:
@@ -617,12 +746,14 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
     store = RunStore.of(results_dir, spec.name, entry.id, seed)
     ehash = spec.entry_hash(entry.id)
     cells = spec.cells(entry)
-    if not store.pending(cells, ehash, force):
+    lead = get_rank() == 0  # in a multi-process job: rank 0 decides and writes, the others follow
+    if not broadcast_object(bool(store.pending(cells, ehash, force)) if lead else None):
         progress.message(f"{where}: all {len(cells)} cells done, skipping")
         progress.skip(len(cells))
         progress.fit_not_needed(entry.id, seed)
         return None
-    store.lock.acquire(wait=wait_for_lock)
+    if lead:
+        store.lock.acquire(wait=wait_for_lock)
     try:
         prepared = _train_or_load(spec, entry, seed, store, results_dir, ehash, cells, force, use_wandb, progress,
                                   summary)
@@ -638,18 +769,22 @@ def _train_or_load(spec: Spec, entry: Entry, seed: int, store: RunStore, results
                    cells: list[Cell], force: bool, use_wandb: bool, progress: SweepProgress,
                    summary: SweepSummary) -> _Prepared | None:
     where = f"{entry.id}/seed{seed}"
-    pending = store.pending(cells, ehash, force)  # again under the lock: another run may have finished some
+    lead = get_rank() == 0
+    # again under the lock: another run may have finished some (rank 0 looks, every rank follows)
+    pending = broadcast_object(store.pending(cells, ehash, force) if lead else None)
     progress.skip(len(cells) - len(pending))
     if not pending:
         progress.message(f"{where}: all {len(cells)} cells done (by another run), skipping")
         progress.fit_not_needed(entry.id, seed)
         return None
     progress.entry_started(entry.id, seed, f"{entry.method}, {entry.regime} regime")
-    state = store.begin(ehash, force, lambda: wandb_run_id(spec.name, ehash, seed))  # a changed entry or --force: its old checkpoints go
+    # a changed entry or --force: its old checkpoints go (rank 0 removes them before any rank looks)
+    state = broadcast_object(store.begin(ehash, force, lambda: wandb_run_id(spec.name, ehash, seed)) if lead else None)
     composed = composed_config(spec, entry, seed, method_config(spec, entry))
     config_hash = sha256_json(composed)
-    store.write_config(composed)
-    wb = _wandb_run(spec, entry, seed, results_dir, use_wandb, state["wandb_run_id"], composed, config_hash)
+    if lead:
+        store.write_config(composed)
+    wb = _wandb_run(spec, entry, seed, results_dir, use_wandb and lead, state["wandb_run_id"], composed, config_hash)
     prepared = _Prepared(entry, store, None, None, wb, pending,
                          {"spec_name": spec.name, "spec_hash": spec.hash, "entry_hash": ehash, "seed": seed,
                           "entry": {"id": entry.id, "method": entry.method, "regime": entry.regime,
@@ -657,7 +792,12 @@ def _train_or_load(spec: Spec, entry: Entry, seed: int, store: RunStore, results
                          "", {"config": composed, "config_hash": config_hash})
     t0 = time.monotonic()
     try:
-        prepared.dm = make_datamodule(composed["data"])
+        if lead:  # rank 0 prepares the data (a synthetic dataset is generated once), then the others read it
+            prepared.dm = make_datamodule(composed["data"])
+        barrier()
+        prepared.dm = prepared.dm or make_datamodule(composed["data"])
+        prepared.sections["parallelism"] = parallelism_record(composed["trainer"],
+                                                                getattr(prepared.dm, "batch_size", None))
         # nominal and actual correspondence noise of the training split (validation and test stay clean)
         prepared.sections["correspondence_noise"] = prepared.dm.mismatch_record()
         _seed(seed)  # initial weights from the seed alone, not from what ran before in this process
@@ -667,7 +807,8 @@ def _train_or_load(spec: Spec, entry: Entry, seed: int, store: RunStore, results
         reason = f"training diverged: {err}"
         log.error("%s: %s", where, reason)
         for cell in pending:
-            store.write_cell(cell.id, prepared.record(cell, None, "failed", reason, {}, time.monotonic() - t0))
+            if lead:
+                store.write_cell(cell.id, prepared.record(cell, None, "failed", reason, {}, time.monotonic() - t0))
             summary.failed += 1
         progress.cells_failed(len(pending), where, reason)
         return None
@@ -695,13 +836,16 @@ def _trained_weights(model: Any, p: _Prepared, state: dict[str, Any], seed: int,
             progress.fit_not_needed(p.entry.id, seed)
             return str(best)
         except CheckpointError as err:  # set aside; train() resumes from last.ckpt or starts over
-            p.store.set_aside(Path(best), err)
+            barrier()  # every rank has read it before rank 0 moves it
+            if get_rank() == 0:
+                p.store.set_aside(Path(best), err)
     summary.trained.append(where)
     result = train(model, p.dm, p.store, seed, composed["trainer"], p.wb, early_stopping=spec.early_stopping,
                    progress=progress)
     progress.fit_done(_fit_summary(result.training))
     state.update(trained=True, best_checkpoint=result.checkpoint, training=result.training)
-    p.store.save_state(state)
+    if get_rank() == 0:
+        p.store.save_state(state)
     load_weights(model, result.checkpoint)
     return result.checkpoint
 
@@ -762,6 +906,8 @@ def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, progress: S
             status, reason, metrics, sections, ranks = "ok", "", None, {}, None
             try:
                 out = p.evaluator(cell, images=_shared_images(cell, p, prepared, shared))
+                if out is None:  # a rank other than 0 of a multi-process job: it encoded its shard, rank 0 writes
+                    continue
                 metrics = out if isinstance(out, dict) else out.metrics
                 sections, ranks = result_sections(out)
                 sections.update(corruption_source(cell))
@@ -770,6 +916,8 @@ def _evaluate_grid(spec: Spec, prepared: list[_Prepared], seed: int, progress: S
             except (RuntimeError, ValueError) as err:  # one broken cell must not lose the rest of the sweep
                 status, reason = "failed", f"{type(err).__name__}: {err}"
                 log.error("%s %s failed:\n%s", where, cell.id, traceback.format_exc())
+            if get_rank() != 0:  # rank 0 writes the record (it saw the same failure, or its own)
+                continue
             p.store.write_cell(cell.id, p.record(cell, metrics, status, reason, sections, time.monotonic() - c0), ranks)
             if status == "ok":
                 summary.evaluated += 1
@@ -790,7 +938,7 @@ def _shared_images(cell: Cell, p: _Prepared, prepared: list[_Prepared],
                    shared: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]] | None:
     """The cell's test image batches, built once for all entries with the same test data (None: one entry
     needs them, or the cell does not use image batches)."""
-    if cell.kind not in ("clean", "imagenet_c", "rcit"):
+    if cell.kind not in ("clean", "imagenet_c", "rcit") or is_distributed():  # a job's ranks load their own shards
         return None
     key = p.dm.test_data_key()
     if sum(q.dm.test_data_key() == key and cell in q.pending for q in prepared) < 2:

@@ -110,7 +110,8 @@ class _ImageStore:
 class _EpochSampler(Sampler):
     """Yields (caption index, epoch): a per-epoch permutation from (seed, epoch), carrying the epoch to workers.
 
-    Lightning calls ``set_epoch`` before each epoch; without it, each new iteration advances the epoch.
+    Lightning calls ``set_epoch`` before each epoch (on a loader's ``sampler`` or its batch sampler's ``sampler``);
+    without it, each new iteration advances the epoch.
     """
 
     def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
@@ -131,6 +132,36 @@ class _EpochSampler(Sampler):
         else:
             order = range(self.n)
         return iter([(int(k), epoch) for k in order])
+
+
+class _GlobalBatchSampler(Sampler):
+    """Yields this rank's part of each global training batch (lists of the `sampler`'s items).
+
+    The global batches are consecutive runs of ``batch_size`` items of the sampler's epoch; rank r of ``world_size``
+    takes the r-th contiguous part of each (parts differ by at most one item). Gathered in rank order
+    (rcit_bench.models.global_batch), the parts are the very batch one process draws, so a multi-process step sees
+    the same pairs in the same order as a single-process one; with one process this is ``BatchSampler(sampler,
+    batch_size, drop_last=False)``. A last global batch smaller than the world size is dropped (a rank would get
+    none). ``sampler`` is an attribute by that name so that Lightning's ``set_epoch`` reaches it.
+    """
+
+    def __init__(self, sampler: _EpochSampler, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.sampler, self.batch_size, self.rank, self.world_size = sampler, batch_size, rank, world_size
+
+    def _sizes(self) -> list[int]:
+        full, last = divmod(len(self.sampler), self.batch_size)
+        sizes = [self.batch_size] * full + ([last] if last else [])
+        return [m for m in sizes if m >= self.world_size]
+
+    def __len__(self) -> int:
+        return len(self._sizes())
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        items = list(self.sampler)
+        for k, m in enumerate(self._sizes()):
+            base, extra = divmod(m, self.world_size)
+            start = k * self.batch_size + self.rank * base + min(self.rank, extra)
+            yield items[start:start + base + (1 if self.rank < extra else 0)]
 
 
 class _CaptionImageDataset(Dataset):
@@ -499,32 +530,46 @@ class RetrievalDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------- dataloaders
 
-    def _loader(self, dataset: Dataset, batch_size: int, collate: _Collate, sampler: Sampler | None = None,
-                persistent: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int | None, collate: _Collate, sampler: Sampler | None = None,
+                persistent: bool = False, batch_sampler: Sampler | None = None) -> DataLoader:
+        if batch_sampler is not None:  # DataLoader refuses batch_size/shuffle beside a batch sampler
+            return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers, collate_fn=collate,
+                              worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(self.seed),
+                              persistent_workers=persistent and self.num_workers > 0)
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=self.num_workers,
-            collate_fn=collate, worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(self.seed),
-            persistent_workers=persistent and self.num_workers > 0,
+            dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+            num_workers=self.num_workers, collate_fn=collate, worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(self.seed), persistent_workers=persistent and self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled captions with their images; batch dict images/tokens/lengths/image_index/caption_index
-        (+ corrupted_images in 'paired' mode)."""
+        (+ corrupted_images in 'paired' mode). ``batch_size`` is the global batch: under several processes each
+        rank loads its contiguous part of it (see :class:`_GlobalBatchSampler`)."""
+        from rcit_bench.distributed import get_rank, get_world_size
+
         mode = "clean" if self.train_corruption == PRETRAINED else self.train_corruption  # never fitted; as is
         ds = _CaptionImageDataset(self._store("train"), self._token_ids("train"), mode,
                                   self.corruption_mix, self.augment_fraction, self.seed, self.corruption_scaling,
                                   caption_to_image=self.training_caption_to_image())
         self._train_sampler = _EpochSampler(len(ds), self.seed, shuffle=True)
-        return self._loader(ds, self.batch_size, _Collate(_collate_caption_image, self.pad_id), self._train_sampler,
-                            persistent=True)
+        batches = _GlobalBatchSampler(self._train_sampler, self.batch_size, get_rank(), get_world_size())
+        return self._loader(ds, None, _Collate(_collate_caption_image, self.pad_id), persistent=True,
+                            batch_sampler=batches)
 
     def _ordered_pairs(self, split: str) -> DataLoader:
+        """Captions of `split` in order with their images; under several processes this rank's block of whole
+        batches (rcit_bench.distributed.ShardSampler, mode 'batches': no item padded or repeated)."""
+        from rcit_bench.distributed import ShardSampler, is_distributed
+
         ds = _CaptionImageDataset(self._store(split), self._token_ids(split), "clean", [], 0.0, self.seed,
                                   self.corruption_scaling)
-        return self._loader(ds, self.eval_batch_size, _Collate(_collate_caption_image, self.pad_id))
+        sampler = ShardSampler(len(ds), mode="batches", batch_size=self.eval_batch_size) if is_distributed() else None
+        return self._loader(ds, self.eval_batch_size, _Collate(_collate_caption_image, self.pad_id), sampler)
 
     def val_dataloader(self) -> DataLoader:
-        """Clean val captions in caption order, each with its image (same dict format as training)."""
+        """Clean val captions in caption order, each with its image (same dict format as training); under several
+        processes, this rank's shard (the model gathers the shards before computing the metrics)."""
         return self._ordered_pairs("val")
 
     def test_dataloader(self) -> DataLoader:
