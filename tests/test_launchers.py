@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from rcit_bench.bench.launchers import SpecEntryJob, submit_spec
+from rcit_bench.errors import UserError
 
 ENTRIES = ["vsepp-a", "vsepp-b", "vsepp-c"]
 
@@ -141,6 +142,14 @@ def test_slurm_parameters(tmp_path: Path, spec_file: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(submitit.AutoExecutor, "map_array", fake_map_array)
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # pretend srun exists
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["trainer"] = {"devices": 2}  # two ranks per entry: two tasks, one GPU each
+    spec_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError, match=r"--gpus-per-job 4 disagrees with `trainer.devices` 2 of entry 'vsepp-a' "
+                                        r"\(one process per GPU\); pass --gpus-per-job 2 \(or leave it out\), or set "
+                                        r"`trainer.devices: 4` in the spec"):
+        submit_spec(spec_file, executor_folder=tmp_path / "jobs", cluster="slurm", gpus_per_job=4)
+    assert not seen  # refused before anything was submitted
     ids = submit_spec(spec_file, executor_folder=tmp_path / "jobs", cluster="slurm", partition="gpu",
                       gpus_per_job=2, cpus_per_job=16, timeout_min=90, array_parallelism=2,
                       results_dir=tmp_path / "r", use_wandb=False)

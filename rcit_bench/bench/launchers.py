@@ -7,6 +7,11 @@ built afterwards from that directory (``rcit-bench leaderboard SPEC``). Each job
 ``rcit_bench.bench.runner.run_spec(spec, only=[entry_id], ...)``, so the evaluation grid runs inside the
 job on the GPU that trained the model.
 
+Multi-process entries (``trainer.devices`` W > 1): the job has W tasks, one per rank (one per GPU on SLURM, W
+processes with the local executor); each task joins the process group from submitit's job environment
+(rcit_bench.bench.multiprocess.join_from_submitit) and runs the entry rank-aware, so rank 0 alone writes. Entries
+with different W are submitted as separate arrays.
+
 Preemption / timeout: the job callable is a ``submitit.helpers.Checkpointable``; when SLURM signals the
 job, submitit requeues the same call, and the runner resumes training from the entry's ``last.ckpt``
 and skips cells whose result files exist.
@@ -56,6 +61,9 @@ class SpecEntryJob(submitit.helpers.Checkpointable):
             from rcit_bench.bench.runner import run_spec as fn
         os.chdir(self.workdir)
         keep_freed_memory()  # as the rcit-bench command does
+        from rcit_bench.bench.multiprocess import join_from_submitit
+
+        join_from_submitit()  # a job of W tasks: task r is rank r
         log.info("job: spec %s entry %s -> %s", self.spec_path, entry_id, self.results_dir)
         # build_board=False: concurrent jobs would race on the leaderboard and each see partial results
         kwargs = {"build_board": False, **self.run_kwargs}
@@ -81,11 +89,41 @@ def spec_entry_ids(spec_path: str | os.PathLike) -> tuple[Path, list[str]]:
 
     Accepts a path or a shipped spec name ('smoke', 'quick', ...), like ``load_spec``.
     """
+    path, worlds = spec_entry_worlds(spec_path)
+    return path, list(worlds)
+
+
+def spec_entry_worlds(spec_path: str | os.PathLike) -> tuple[Path, dict[str, tuple[int, str]]]:
+    """(resolved spec file, {entry id: (processes per job, trainer accelerator)}), from each entry's composed
+    ``trainer.devices`` (rcit_bench.bench.multiprocess.world_size_of; the submitting machine's devices are not
+    checked, the job's are)."""
+    from rcit_bench.bench.multiprocess import world_size_of
+    from rcit_bench.bench.runner import method_config, trainer_kwargs
     from rcit_bench.bench.spec import load_spec
 
     spec = load_spec(spec_path, check_devices=False)  # submitting needs no GPU here
     path = Path(spec.path if spec.path is not None else spec_path).resolve()
-    return path, [e.id for e in spec.entries]
+    worlds = {}
+    for e in spec.entries:
+        tkw = trainer_kwargs(spec, e, method_config(spec, e))
+        worlds[e.id] = (world_size_of(tkw), str(tkw.get("accelerator", "auto")))
+    return path, worlds
+
+
+def tasks_and_gpus(worlds: dict[str, tuple[int, str]], gpus_per_job: int | None, cluster: str) -> dict[str, tuple[int, int]]:
+    """{entry id: (tasks per job, GPUs per job)}: one task per rank; on SLURM one GPU per rank unless the entry runs
+    on the CPU. ``gpus_per_job`` (the --gpus-per-job flag) must agree with each entry's ``trainer.devices``."""
+    out = {}
+    for eid, (world, accelerator) in worlds.items():
+        gpus = world if cluster == "slurm" and accelerator != "cpu" else 0
+        if gpus_per_job is not None:
+            if gpus_per_job > 0 and gpus_per_job != world:
+                raise UserError(f"--gpus-per-job {gpus_per_job} disagrees with `trainer.devices` {world} of entry "
+                                 f"{eid!r} (one process per GPU); pass --gpus-per-job {world} (or leave it out), or "
+                                 f"set `trainer.devices: {gpus_per_job}` in the spec.")
+            gpus = gpus_per_job if cluster == "slurm" else 0
+        out[eid] = (world, gpus)
+    return out
 
 
 def _check_int(arg: str, value: Any, minimum: int) -> int:
@@ -99,7 +137,7 @@ def submit_spec(
     *,
     executor_folder: str | os.PathLike,
     partition: str | None = None,
-    gpus_per_job: int = 1,
+    gpus_per_job: int | None = None,
     cpus_per_job: int | None = None,
     mem_gb: int | None = None,
     timeout_min: int = 24 * 60,
@@ -121,8 +159,9 @@ def submit_spec(
     - ``executor_folder``: where submitit keeps job pickles and logs (``%j`` expands to the job id).
     - ``cluster``: 'slurm', 'local' (subprocesses here; for tests and single machines), 'debug' (in
       process) or None = detect (slurm when ``sbatch`` is available, else local).
-    - ``partition``: SLURM partition; ``gpus_per_job`` GPUs per entry (0 = CPU job); one task per GPU, so
-      multi-GPU jobs run Lightning DDP under SLURM's launcher (the spec's ``trainer.devices`` should match).
+    - ``partition``: SLURM partition; ``gpus_per_job`` GPUs per entry (0 = CPU job; default: the entry's
+      ``trainer.devices`` on SLURM, one per rank); one task per rank, so a job of W ranks has W tasks (also with the
+      local executor), and a ``gpus_per_job`` that disagrees with ``trainer.devices`` is refused before submitting.
     - ``timeout_min``: wall time per job; with ``requeue`` a job that times out or is preempted is
       resubmitted (up to 3 times for timeouts) and resumes from its checkpoint.
     - ``results_dir``, ``use_wandb``, ``force``, ``run_kwargs``: passed to ``run_spec`` in every job, with
@@ -135,7 +174,8 @@ def submit_spec(
     """
     if cluster is not None:
         check_choice("cluster", cluster, CLUSTERS)
-    gpus_per_job = _check_int("gpus_per_job", gpus_per_job, 0)
+    if gpus_per_job is not None:
+        gpus_per_job = _check_int("gpus_per_job", gpus_per_job, 0)
     timeout_min = _check_int("timeout_min", timeout_min, 1)
     if cpus_per_job is not None:
         _check_int("cpus_per_job", cpus_per_job, 1)
@@ -144,7 +184,8 @@ def submit_spec(
     if array_parallelism is not None:
         _check_int("array_parallelism", array_parallelism, 1)
 
-    path, entry_ids = spec_entry_ids(spec_path)
+    path, worlds = spec_entry_worlds(spec_path)
+    entry_ids = list(worlds)
     if only is not None:
         if isinstance(only, str):
             only = [only]
@@ -158,17 +199,8 @@ def submit_spec(
     max_timeouts = 3 if requeue else 0
     executor = submitit.AutoExecutor(folder=str(executor_folder), cluster=cluster,
                                      slurm_max_num_timeout=max_timeouts, local_max_num_timeout=max_timeouts)
-    params: dict[str, Any] = {
-        "name": f"rcit-bench-{path.stem}",
-        "timeout_min": timeout_min,
-        "gpus_per_node": gpus_per_job,
-        # SLURM: one task per GPU (Lightning DDP reads SLURM's ranks). Elsewhere one process per job:
-        # Lightning launches its own DDP processes, a second task would train the same entry twice.
-        "tasks_per_node": max(gpus_per_job, 1) if executor.cluster == "slurm" else 1,
-        "nodes": 1,
-    }
-    if cpus_per_job is not None:
-        params["cpus_per_task"] = max(1, cpus_per_job // params["tasks_per_node"])
+    shapes = tasks_and_gpus({e: worlds[e] for e in entry_ids}, gpus_per_job, executor.cluster)
+    params: dict[str, Any] = {"name": f"rcit-bench-{path.stem}", "timeout_min": timeout_min, "nodes": 1}
     if mem_gb is not None:
         params["mem_gb"] = mem_gb
     if partition is not None:
@@ -179,11 +211,21 @@ def submit_spec(
         params["slurm_additional_parameters"] = dict(slurm_additional_parameters)
     if executor.cluster != "slurm":  # the local executors accept only the generic keys
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
-    executor.update_parameters(**params)
 
     job_fn = SpecEntryJob(str(path), str(Path(results_dir).resolve()), use_wandb=use_wandb, force=force,
                           run_kwargs=run_kwargs, run_fn=run_fn, requeue=requeue)
-    jobs = executor.map_array(job_fn, entry_ids)
+    jobs: list[Any] = []
+    order: list[str] = []
+    for shape in sorted(set(shapes.values())):  # one array per (tasks, GPUs) shape
+        group = [e for e in entry_ids if shapes[e] == shape]
+        tasks, gpus = shape
+        shaped = dict(params, tasks_per_node=tasks, gpus_per_node=gpus)
+        if cpus_per_job is not None:
+            shaped["cpus_per_task"] = max(1, cpus_per_job // tasks)
+        executor.update_parameters(**shaped)
+        jobs += executor.map_array(job_fn, group)
+        order += group
+    entry_ids = order
     ids = [str(j.job_id) for j in jobs]
     for eid, jid in zip(entry_ids, ids):
         log.info("submitted entry %s as job %s (%s)", eid, jid, executor.cluster)

@@ -88,18 +88,19 @@ def world_size_of(trainer_kw: dict[str, Any]) -> int:
 
 def check_world(entry_id: str, trainer_kw: dict[str, Any], batch_size: int) -> int:
     """The entry's world size after the checks a multi-process job needs before it starts: no more processes than
-    devices, and a global batch that splits evenly over the ranks. Raises UserError naming both values and the fix."""
+    devices, and a global batch that splits evenly over the ranks. Raises UserError naming both values and the fix
+    (the caller names the entry)."""
     world = world_size_of(trainer_kw)
     if world <= 1:
         return 1
     have, kind = available_devices(trainer_kw.get("accelerator", "auto"))
     if world > have:
-        raise UserError(f"entry {entry_id!r}: `trainer.devices` asks for {world} processes, but this machine has "
+        raise UserError(f"`trainer.devices` asks for {world} processes, but this machine has "
                         f"{have} {kind}{'s' if have != 1 else ''}; set `trainer.devices` to at most {have}, or run "
                         f"the spec where {world} {kind}s are available.")
     if batch_size % world:
         lower, upper = batch_size - batch_size % world, batch_size + world - batch_size % world
-        raise UserError(f"entry {entry_id!r}: the global batch `data.batch_size` {batch_size} does not split over "
+        raise UserError(f"the global batch `data.batch_size` {batch_size} does not split over "
                         f"{world} processes (`trainer.devices` {world}); use a multiple of {world}, e.g. "
                         f"{lower or upper} or {upper}, so every rank holds the same number of pairs.")
     return world
