@@ -146,3 +146,33 @@ def test_caption_nll_matches_manual_and_ignores_padding():
         caption_nll_loss(logits, targets, torch.tensor([5, 0, 3]))
     with pytest.raises(ValueError, match=r"`targets` must be \(B, T\)"):
         caption_nll_loss(logits, targets[:, :4], lengths)
+
+
+def test_caption_nll_reductions_sum_and_per_token():
+    """'sum' and 'none' against per-token loops; the global mean under DDP is sum of sums over the token count, and
+    the default 'mean' is the very same number as before (``nll[valid].mean()``)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 6, 9, generator=g)
+    targets = torch.randint(0, 9, (4, 6), generator=g)
+    lengths = torch.tensor([6, 1, 4, 2])
+    per_token = torch.zeros(4, 6, dtype=torch.float64)
+    for b in range(4):
+        for t in range(int(lengths[b])):
+            row = logits[b, t].double()
+            per_token[b, t] = torch.logsumexp(row, 0) - row[targets[b, t]]
+    none = caption_nll_loss(logits, targets, lengths, reduction="none")
+    assert none.shape == (4, 6) and torch.equal(none[1, 1:], torch.zeros(5))  # padding contributes 0
+    torch.testing.assert_close(none.double(), per_token, rtol=1e-5, atol=1e-6)
+    total = caption_nll_loss(logits, targets, lengths, reduction="sum")
+    assert float(total) == pytest.approx(float(per_token.sum()), rel=1e-5)
+    mean = caption_nll_loss(logits, targets, lengths)
+    assert torch.equal(mean, caption_nll_loss(logits, targets, lengths, reduction="mean"))
+    valid = torch.arange(6)[None, :] < lengths[:, None]
+    logp = torch.log_softmax(logits, dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)
+    assert torch.equal(mean, (-logp)[valid].mean())  # the expression used before `reduction` existed
+    # two "ranks" of 2 captions: sum of per-caption sums over the token count = the mean over all 4 captions
+    halves = [caption_nll_loss(logits[s], targets[s], lengths[s], reduction="none").sum(1) for s in (slice(0, 2),
+                                                                                                     slice(2, 4))]
+    assert float(torch.cat(halves).sum() / lengths.sum()) == pytest.approx(float(mean), rel=1e-6)
+    with pytest.raises(ValueError, match=r"`reduction` must be one of 'mean', 'sum', 'none', but got 'avg'"):
+        caption_nll_loss(logits, targets, lengths, reduction="avg")

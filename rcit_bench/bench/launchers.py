@@ -233,7 +233,7 @@ def submit_spec(
         failed = []
         for eid, job in zip(entry_ids, jobs):
             try:
-                job.result()
+                job.results()  # every task of the job (a multi-process job has one per rank)
             except Exception as err:  # noqa: BLE001 -- collect every failure, then report them together
                 failed.append(f"{eid} (job {job.job_id}): {type(err).__name__}: {str(err).strip()[-500:]}")
         if failed:

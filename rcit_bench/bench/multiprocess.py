@@ -45,6 +45,10 @@ GRACE_S = 10.0
 POLL_S = 0.2
 
 
+#: the environment that tells a process its place in a job (torch's env:// rendezvous)
+_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 class RankFailed(RuntimeError):
     """A rank of a multi-process job ended with an error or a signal; the other ranks were stopped."""
 
@@ -98,6 +102,12 @@ def check_world(entry_id: str, trainer_kw: dict[str, Any], batch_size: int) -> i
         raise UserError(f"`trainer.devices` asks for {world} processes, but this machine has "
                         f"{have} {kind}{'s' if have != 1 else ''}; set `trainer.devices` to at most {have}, or run "
                         f"the spec where {world} {kind}s are available.")
+    limit = trainer_kw.get("limit_val_batches")
+    if limit not in (None, 1.0):
+        raise UserError(f"`trainer.limit_val_batches` {limit!r} counts batches per process, so with {world} processes "
+                        f"(`trainer.devices` {world}) it would validate another set of captions than one process "
+                        f"does; remove it and shrink the validation split with the data option `limit_val` (images) "
+                        f"instead, which every number of processes reads the same.")
     if batch_size % world:
         lower, upper = batch_size - batch_size % world, batch_size + world - batch_size % world
         raise UserError(f"the global batch `data.batch_size` {batch_size} does not split over "
@@ -152,6 +162,8 @@ def join_from_submitit() -> bool:
         return False
     if env.num_tasks <= 1:
         return False
+    for key in _RANK_ENV:  # inherited from the submitting process (e.g. its own DDP run): this job's are set here
+        os.environ.pop(key, None)
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     init_from_env()
     return True

@@ -404,6 +404,8 @@ def train(model: Any, dm: Any, store: RunStore, seed: int, trainer_kw: dict[str,
     trainer = L.Trainer(default_root_dir=str(store.folder), callbacks=callbacks, logger=wb.lightning_logger() or False,
                         **kw)
     resume = broadcast_object(store.resumable() if get_rank() == 0 else None)  # rank 0 may set a corrupt one aside
+    if resume:
+        log.info("%s: resuming from %s", store.folder.name, Path(resume).name)
     trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
     last = store.last_checkpoint
     best = ckpt.best_model_path if ckpt.best_model_path and Path(ckpt.best_model_path).is_file() else ""

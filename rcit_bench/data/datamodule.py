@@ -560,11 +560,14 @@ class RetrievalDataModule(L.LightningDataModule):
     def _ordered_pairs(self, split: str) -> DataLoader:
         """Captions of `split` in order with their images; under several processes this rank's block of whole
         batches (rcit_bench.distributed.ShardSampler, mode 'batches': no item padded or repeated)."""
-        from rcit_bench.distributed import ShardSampler, is_distributed
+        from rcit_bench.distributed import ShardSampler, get_world_size, is_distributed
 
         ds = _CaptionImageDataset(self._store(split), self._token_ids(split), "clean", [], 0.0, self.seed,
                                   self.corruption_scaling)
-        sampler = ShardSampler(len(ds), mode="batches", batch_size=self.eval_batch_size) if is_distributed() else None
+        sampler = None
+        if is_distributed():  # whole batches when every rank gets one (Lightning skips a rank with none: a hang)
+            whole = -(-len(ds) // self.eval_batch_size) >= get_world_size()
+            sampler = ShardSampler(len(ds), mode="batches" if whole else "contiguous", batch_size=self.eval_batch_size)
         return self._loader(ds, self.eval_batch_size, _Collate(_collate_caption_image, self.pad_id), sampler)
 
     def val_dataloader(self) -> DataLoader:

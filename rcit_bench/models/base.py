@@ -18,6 +18,17 @@ Hooks for method authors (override what differs, keep the signatures):
 - ``compute_loss(batch) -> (loss, logs)``: default bidirectional triplet on ``similarity`` of the
   batch (hardest negative, sum over negatives during the first ``warmup_epochs``). ``logs`` values
   are logged as ``train/<key>``.
+- ``self.global_batch(*reps_dicts) -> tuple of dicts``: multi-process (DDP) training that equals one process on
+  the same global batch (rcit_bench.models.global_batch explains why it is exact). ``compute_loss`` encodes its
+  local slice, runs everything with parameters on it, then hands the outputs (reps, logits, per-caption loss sums)
+  to ``self.global_batch``, which returns every rank's rows in rank order and marks this step's loss as global;
+  the loss must then be a parameter-free function of the gathered outputs, and ``training_step`` hands DDP
+  ``world_size * loss`` for backward (DDP averages gradients; the logged loss is the unscaled one). Call it before
+  any ``self.triplet(..., pairs=True)``: with ``small_loss`` it also gathers the pair ids. Without a process group
+  it returns its arguments unchanged. A method that never calls it keeps a local loss per rank and DDP's plain
+  gradient average (a loss over the rank's slice only: hardest negatives mined among b, not B, pairs). Every
+  method shipped here calls it. Under DDP (W > 1) ``setup`` also turns every BatchNorm into
+  ``GlobalBatchNorm`` (statistics over the global batch; a subclass overriding ``setup`` calls super).
 - ``self.triplet(sims, pairs=True)``: the triplet every method calls on its in-batch (B, B) matrix. With
   ``small_loss`` (robust training against mismatched training pairs, rcit_bench.models.small_loss) it becomes
   ``sum_i w_i * loss_i`` over the batch's pairs, ``w_i`` the clean posterior of caption ``caption_index[i]``
@@ -28,6 +39,7 @@ Hooks for method authors (override what differs, keep the signatures):
   is weighted: MIIE's modality classifier, Matchmap's sampled-impostor loss and VSR++'s caption NLL stay
   unweighted. Without ``small_loss``, ``self.triplet`` is the plain summed triplet.
   ``small_loss_posterior()`` gives (p_clean, seen) per training caption for a runner that scores the selection.
+  Under DDP every rank records every rank's pairs (gathered), so all ranks fit the same mixture.
 - ``extra_param_groups()``: optional extra optimizer groups; ``backbone_parameters()`` are the image
   backbone parameters scaled by ``backbone_lr_mult`` (0 freezes them).
 - ``needs_paired_views`` / ``localizes`` (class attributes, default False): what the method needs from the
@@ -178,6 +190,8 @@ class RetrievalModule(L.LightningModule):
             SmallLossSelector(**small_opts) if small_opts is not None else None)
         self._pair_ids: Tensor | None = None  # caption_index of the training batch, while compute_loss runs
         self._pair_losses: list[Tensor] = []  # per-pair triplet losses of this step's pairs=True calls
+        self._loss_is_global = False  # this step's compute_loss called global_batch (its loss is over all ranks)
+        self._global_pair_ids: Tensor | None = None  # every rank's caption_index, once global_batch gathered them
         if image_encoder is not None:  # None: the subclass builds its own image tower
             img_name, img_kw = encoder_config(image_encoder, "image_encoder")
             self.image_encoder = build_image_encoder(img_name, embed_dim=embed_dim, **img_kw)
@@ -190,6 +204,17 @@ class RetrievalModule(L.LightningModule):
         self._val_txt_idx: list[Tensor] = []
         self._val_c2i: list[Tensor] = []
         self._val_seen: set[int] = set()
+        self._val_positional = False  # a validation batch had no caption_index (positions stood in for it)
+        self._val_gathered: tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor] | None = None
+
+    def setup(self, stage: str) -> None:
+        """Under DDP (process group of W > 1): every BatchNorm becomes a GlobalBatchNorm (statistics over the
+        global batch, same parameters and buffers). Lightning calls it on every rank once the process group exists
+        and before wrapping the module in DDP; a subclass overriding it calls ``super().setup(stage)``."""
+        from rcit_bench.models.global_batch import convert_global_batchnorm, world_size
+
+        if world_size() > 1:
+            convert_global_batchnorm(self)
 
     # ------------------------------------------------------------------------------------ encoding
     def encode_image(self, images: Tensor) -> dict[str, Tensor]:
@@ -240,6 +265,27 @@ class RetrievalModule(L.LightningModule):
             return 0.0
         return float(min(1.0, max(0.0, (trainer.global_step - start) / (total - start))))
 
+    def global_batch(self, *reps: dict[str, Tensor]) -> tuple[dict[str, Tensor], ...]:
+        """Every rank's rows of each dict in `reps` (values (b, ...) tensors: reps, logits, per-caption sums),
+        concatenated in rank order, one tuple entry per dict; marks this step's loss as global (see the module
+        docstring). Only this rank's rows carry gradient; later dims are zero-padded to the largest over ranks.
+        With ``small_loss`` the first call also gathers the step's ``caption_index`` so ``self.triplet`` weights
+        and records the global pairs. Must be called by every rank in the same order (it is a collective).
+        Without a process group (or one process) the very same dicts are returned."""
+        from rcit_bench.models.global_batch import gather_reps_with_grad, world_size
+
+        self._loss_is_global = True
+        if world_size() == 1:
+            return reps
+        flat = {f"{i}/{key}": value for i, r in enumerate(reps) for key, value in r.items()}
+        ids = self._pair_ids
+        if ids is not None and self._global_pair_ids is None:
+            flat["pair_ids"] = ids.detach()
+        gathered = gather_reps_with_grad(flat)
+        if "pair_ids" in gathered:
+            self._global_pair_ids = self._pair_ids = gathered["pair_ids"]
+        return tuple({key: gathered[f"{i}/{key}"] for key in r} for i, r in enumerate(reps))
+
     def triplet(self, sims: Tensor, pairs: bool = True) -> Tensor:
         """Bidirectional triplet ranking loss on a square (B, B) matrix, positives on the diagonal.
 
@@ -267,10 +313,14 @@ class RetrievalModule(L.LightningModule):
         """Default: triplet loss on the in-batch similarity of images and captions."""
         img = self.encode_image(batch["images"])
         txt = self.encode_text(batch["tokens"], batch["lengths"])
+        img, txt = self.global_batch(img, txt)
         loss = self.triplet(self.similarity(img, txt))
         return loss, {"triplet": loss.detach()}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """The loss for backward: ``compute_loss``'s, times the world size when it is global (``global_batch``
+        was called), so that DDP's gradient average is the gradient of the global loss; logs the unscaled loss."""
+        self._loss_is_global, self._global_pair_ids = False, None
         if self.small_loss_selector is None:
             loss, logs = self.compute_loss(batch)
             self.check_finite(loss)
@@ -291,18 +341,29 @@ class RetrievalModule(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         for key, value in logs.items():
             self.log(f"train/{key}", value, batch_size=bs)
+        if self._loss_is_global:
+            from rcit_bench.models.global_batch import world_size
+
+            world = world_size()
+            if world > 1:
+                return loss * world
         return loss
 
     # ------------------------------------------------------------------------------------ small-loss selection
     def _record_pair_losses(self, ids: Tensor) -> None:
         """Hand this step's per-pair losses (mean over the step's pairs=True triplets) to the selector; under DDP
         every rank records every rank's pairs, so all ranks fit the same mixture and any rank's checkpoint
-        holds the whole record."""
+        holds the whole record. A global loss (``global_batch``) already has every rank's pairs: its per-pair
+        losses are recorded under the gathered ids as they are; a local loss is gathered here."""
         calls, self._pair_losses = self._pair_losses, []
+        global_ids, self._global_pair_ids = self._global_pair_ids, None
         if not calls or self.small_loss_selector is None:
             return
         losses = torch.stack(calls).float().mean(dim=0)  # (B,)
-        ids, losses = _gather_pairs(ids.to(losses.device), losses)
+        if global_ids is not None:
+            ids = global_ids
+        elif not self._loss_is_global:
+            ids, losses = _gather_pairs(ids.to(losses.device), losses)
         self.small_loss_selector.record(ids, losses, self.current_epoch)
 
     def on_train_epoch_start(self) -> None:
@@ -395,6 +456,7 @@ class RetrievalModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_img, self._val_img_idx, self._val_txt, self._val_txt_idx, self._val_c2i = [], [], [], [], []
         self._val_seen = set()
+        self._val_positional, self._val_gathered = False, None
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Encode each unique image once (first time its index appears) and every caption."""
@@ -411,27 +473,95 @@ class RetrievalModule(L.LightningModule):
         self._val_txt.append(self.encode_text(batch["tokens"], batch["lengths"]))
         cap_idx = batch.get("caption_index")
         if cap_idx is None:
+            self._val_positional = True
             cap_idx = torch.arange(len(image_index), device=image_index.device) + sum(len(t) for t in self._val_txt_idx)
         self._val_txt_idx.append(cap_idx)
         self._val_c2i.append(image_index)
 
-    def on_validation_epoch_end(self) -> None:
-        if not self._val_txt:
-            return
+    def validation_reps(self) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor] | None:
+        """This validation epoch's (image reps, image indices, text reps, c2i): images sorted by image index, texts
+        by caption index, ``c2i`` (N_txt,) the position of each caption's image; None when nothing was encoded.
+
+        Under DDP (W > 1) every rank's collected reps are gathered (a collective: every rank calls it, also one
+        with an empty shard), so every rank holds the whole validation set and computes the global metrics. The
+        datamodule gives each rank a contiguous shard of the captions, so an image whose captions straddle two ranks
+        was encoded on both: after gathering, the copy of the lowest rank is kept (both were encoded from the same
+        pixels in eval mode). Computed once per epoch (a subclass's hook and the base's share it).
+        """
+        if self._val_gathered is not None:
+            return self._val_gathered
         from rcit_bench.evaluation import cat_reps
+        from rcit_bench.models.global_batch import world_size
+
+        world = world_size()
+        if world == 1:
+            if not self._val_txt:
+                return None
+            img_idx = torch.cat(self._val_img_idx)
+            img_order = torch.argsort(img_idx)
+            img_reps = {k: v[img_order] for k, v in cat_reps(self._val_img).items()}
+            txt_idx = torch.cat(self._val_txt_idx)
+            txt_order = torch.argsort(txt_idx)
+            txt_reps = {k: v[txt_order] for k, v in cat_reps(self._val_txt).items()}
+            c2i_raw = torch.cat(self._val_c2i)[txt_order]
+            sorted_img = img_idx[img_order]
+        else:
+            gathered = self._gather_validation(world)
+            if gathered is None:
+                return None
+            img_reps, sorted_img, txt_reps, c2i_raw = gathered
+        c2i = torch.searchsorted(sorted_img, c2i_raw)  # positions of each caption's image
+        self._val_gathered = (img_reps, sorted_img, txt_reps, c2i)
+        return self._val_gathered
+
+    def _gather_validation(self, world: int) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor] | None:
+        """Every rank's validation reps, images deduplicated by index (lowest rank kept) and sorted, texts sorted by
+        caption index with their image index; None when no rank encoded anything. Every rank must call it."""
+        import torch.distributed as dist
+
+        from rcit_bench.distributed import gather_reps
+        from rcit_bench.evaluation import cat_reps
+
+        positional = torch.tensor([int(self._val_positional)], device=self.device)
+        dist.all_reduce(positional)
+        if int(positional):
+            raise UserError(f"Method {self.method_name!r}: under DDP validation batches need `caption_index` (each "
+                            f"caption's index in the split), as RetrievalDataModule's val_dataloader gives; positions "
+                            f"within a rank's shard cannot name captions across ranks.")
+        rank = dist.get_rank()
+        img: dict[str, Tensor] = {}
+        img_idx = torch.zeros(0, dtype=torch.long, device=self.device)
+        if self._val_img:
+            img_idx = torch.cat(self._val_img_idx).long()
+            img = {**cat_reps(self._val_img), "_image_index": img_idx}
+        txt: dict[str, Tensor] = {}
+        txt_idx = torch.zeros(0, dtype=torch.long, device=self.device)
+        if self._val_txt:
+            txt_idx = torch.cat(self._val_txt_idx).long()
+            txt = {**cat_reps(self._val_txt), "_image_index": torch.cat(self._val_c2i).long()}
+        # an image may sit on several ranks: its gathering key (index * world + rank) is unique, ordered by index
+        img = gather_reps(img, img_idx * world + rank, device=self.device)
+        txt = gather_reps(txt, txt_idx, device=self.device)
+        if not txt or not img:
+            return None
+        all_img_idx = img.pop("_image_index")
+        keep = torch.ones_like(all_img_idx, dtype=torch.bool)
+        keep[1:] = all_img_idx[1:] != all_img_idx[:-1]  # sorted by (index, rank): the first copy is the lowest rank
+        img_reps = {k: v[keep] for k, v in img.items()}
+        c2i_raw = txt.pop("_image_index")
+        return img_reps, all_img_idx[keep], txt, c2i_raw
+
+    def on_validation_epoch_end(self) -> None:
+        """Retrieval metrics of the whole validation set as ``val/<metric>`` (under DDP: gathered from every rank,
+        the same numbers on every rank, so checkpoint selection and early stopping use the global ``val/rsum``)."""
+        reps = self.validation_reps()
+        self._val_img, self._val_txt, self._val_gathered = [], [], None
+        if reps is None:
+            return
         from rcit_bench.metrics import retrieval_metrics
 
-        img_idx = torch.cat(self._val_img_idx)
-        img_order = torch.argsort(img_idx)
-        img_reps = {k: v[img_order] for k, v in cat_reps(self._val_img).items()}
-        txt_idx = torch.cat(self._val_txt_idx)
-        txt_order = torch.argsort(txt_idx)
-        txt_reps = {k: v[txt_order] for k, v in cat_reps(self._val_txt).items()}
-        c2i_raw = torch.cat(self._val_c2i)[txt_order]
-        sorted_img = img_idx[img_order]
-        c2i = torch.searchsorted(sorted_img, c2i_raw)  # positions of each caption's image
+        img_reps, _, txt_reps, c2i = reps
         sims = self.similarity(img_reps, txt_reps)
         metrics = retrieval_metrics(sims.float().cpu(), c2i.cpu())
         for key, value in metrics.items():
             self.log(f"val/{key}", float(value), prog_bar=key == "rsum", sync_dist=False)
-        self._val_img, self._val_txt = [], []

@@ -15,6 +15,8 @@ from rcit_bench.models.layers import lengths_to_mask
 
 #: what :func:`triplet_ranking_loss` returns: 'sum' over the batch (VSE++, the default) or 'none' (one loss per pair)
 TRIPLET_REDUCTIONS = ("sum", "none")
+#: what :func:`caption_nll_loss` returns: the 'mean' over valid tokens (default), their 'sum', or 'none' (B, T)
+CAPTION_NLL_REDUCTIONS = ("mean", "sum", "none")
 
 
 def triplet_ranking_loss(sims: Tensor, margin: float = 0.2, max_violation: bool = True,
@@ -102,14 +104,20 @@ def modality_adversarial_loss(logits_img: Tensor, logits_txt: Tensor) -> tuple[T
     return loss, accuracy
 
 
-def caption_nll_loss(logits: Tensor, targets: Tensor, lengths: Tensor) -> Tensor:
+def caption_nll_loss(logits: Tensor, targets: Tensor, lengths: Tensor, reduction: str = "mean") -> Tensor:
     """Mean negative log-likelihood over the valid tokens (``t < lengths[b]``) of a batch of decoded captions.
 
     Args:
         logits: (B, T, V) unnormalised decoder outputs.
         targets: (B, T) int token ids to predict; entries at ``t >= lengths[b]`` (padding) are ignored.
         lengths: (B,) number of valid target tokens per caption, in [1, T].
+        reduction: ``"mean"`` (default) over all valid tokens; ``"sum"`` of them; ``"none"``: the (B, T) token NLL,
+            0 at padding (``.sum(1)`` gives per-caption sums). Why the last two: under DDP the mean over the global
+            batch is the sum of every rank's sums over the sum of its token counts (``lengths``), not a mean of means.
     """
+    if reduction not in CAPTION_NLL_REDUCTIONS:
+        raise ValueError(f"Argument `reduction` must be one of {', '.join(map(repr, CAPTION_NLL_REDUCTIONS))}, but got "
+                         f"{reduction!r}.")
     if logits.ndim != 3:
         raise ValueError(f"Argument `logits` must be (B, T, V), but got shape {tuple(logits.shape)}.")
     b, t, _ = logits.shape
@@ -126,4 +134,8 @@ def caption_nll_loss(logits: Tensor, targets: Tensor, lengths: Tensor) -> Tensor
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     safe_targets = targets.long().masked_fill(~valid, 0)  # padding may hold any id (e.g. -100)
     nll = -logp.gather(2, safe_targets.unsqueeze(2)).squeeze(2)  # (B, T)
+    if reduction == "none":
+        return nll.masked_fill(~valid, 0.0)
+    if reduction == "sum":
+        return nll[valid].sum()
     return nll[valid].mean()

@@ -11,7 +11,10 @@ image, one localization heatmap per word.
 Loss: ``'triplet'`` (default) = the suite's max-violation triplet on the in-batch similarity matrix;
 ``'sampled'`` = DAVEnet's loss (one random impostor image and one impostor caption per anchor, margin
 ``sampled_margin`` = 1, mean over the batch); ``'both'`` sums them. The triplet trains better here (see
-the config notes); DAVEnet's sampled loss is kept for paper fidelity.
+the config notes); DAVEnet's sampled loss is kept for paper fidelity. The impostors are drawn from a generator
+seeded by a fixed salt and the global step (:meth:`MatchMap.impostor_generator`), not from the global RNG, so
+every DDP rank draws the same impostors over the gathered batch, as one process does (under gradient accumulation
+the micro-batches of one optimizer step reuse one draw).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ __all__ = ["MatchMap", "SIM_MODES", "LOSSES", "sampled_margin_loss", "word_heatm
 
 SIM_MODES = ("misa", "sisa", "sima")
 LOSSES = ("triplet", "sampled", "both")
+#: salt of the sampled loss's impostor generator (its seed is salt + global step)
+IMPOSTOR_SEED_SALT = 0x6D617463686D6170 % (2 ** 62)
 
 TINY = {
     "image_encoder": {"name": "small_cnn", "input_size": 32, "channels": [8, 16, 32]},
@@ -124,9 +129,18 @@ class MatchMap(RetrievalModule):
                               by_length=not torch.is_grad_enabled())  # evaluation: no work on padding
 
     # ------------------------------------------------------------------------------------ training
+    def impostor_generator(self) -> torch.Generator:
+        """CPU generator of this step's impostor draws, seeded from a fixed salt and ``global_step``: the same on
+        every rank and in one process, and independent of whatever else consumed the global RNG."""
+        return torch.Generator().manual_seed(IMPOSTOR_SEED_SALT + int(self.global_step))
+
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor | float]]:
-        sims = self.similarity(self.encode_image(batch["images"]), self.encode_text(batch["tokens"], batch["lengths"]))
         kind = self.hparams.loss
+        img = self.encode_image(batch["images"])
+        txt = self.encode_text(batch["tokens"], batch["lengths"])
+        idx = batch.get("image_index") if kind in ("sampled", "both") else None
+        img, txt, extra = self.global_batch(img, txt, {"image_index": idx} if idx is not None else {})
+        sims = self.similarity(img, txt)
         logs: dict[str, Tensor | float] = {}
         loss = sims.new_zeros(())
         if kind in ("triplet", "both"):
@@ -134,9 +148,10 @@ class MatchMap(RetrievalModule):
             loss = loss + trip
             logs["triplet"] = trip.detach()
         if kind in ("sampled", "both"):
-            idx = batch.get("image_index")
+            idx = extra.get("image_index")
             same = idx[:, None] == idx[None, :] if idx is not None else None
-            samp = sampled_margin_loss(sims, float(self.hparams.sampled_margin), same)
+            samp = sampled_margin_loss(sims, float(self.hparams.sampled_margin), same,
+                                       generator=self.impostor_generator())
             loss = loss + samp
             logs["sampled"] = samp.detach()
         return loss, logs

@@ -16,6 +16,10 @@ The paper's claim is that the embedding becomes modality-invariant, i.e. the cla
 each validation epoch) is its accuracy on the held-out validation embeddings, balanced over the two
 modalities (mean of the accuracy on images and on texts), so 50 is chance whatever the image/caption ratio
 (5 captions per image) and a classifier answering one modality everywhere scores exactly 50.
+
+Under DDP the classifier (it has parameters) runs on each rank's slice and only its logits are gathered with the
+embeddings (``global_batch``, rcit_bench.models.global_batch), so the loss and ``train/modality_acc`` are those of
+the global batch.
 """
 
 from __future__ import annotations
@@ -69,14 +73,19 @@ class MIIE(RetrievalModule):
 
         img = self.encode_image(batch["images"])
         txt = self.encode_text(batch["tokens"], batch["lengths"])
-        triplet = self.triplet(self.similarity(img, txt))
+        # global_batch is the identity in one process; under DDP the triplet runs on the gathered embeddings (two
+        # gathers, to keep the one-process order of operations, whose gradients are then bit-identical to before)
+        glob_img, glob_txt = self.global_batch(img, txt)
+        triplet = self.triplet(self.similarity(glob_img, glob_txt))
         stage = self.stage()
-        feats_img = nn.functional.normalize(img["global"], dim=-1)  # (B, D) joint space
+        # the classifier has parameters, so it runs on this rank's (local) rows; only its logits are gathered
+        feats_img = nn.functional.normalize(img["global"], dim=-1)  # (b, D) joint space
         feats_txt = nn.functional.normalize(txt["global"], dim=-1)
         lambd = grl_lambda(self.adversarial_progress()) if stage != "warmup" else 0.0
-        logits_img = self.modality_classifier(grad_reverse(feats_img, lambd)).squeeze(-1)  # (B,)
-        logits_txt = self.modality_classifier(grad_reverse(feats_txt, lambd)).squeeze(-1)
-        adv, acc = modality_adversarial_loss(logits_img, logits_txt)
+        logits = {"image": self.modality_classifier(grad_reverse(feats_img, lambd)).squeeze(-1),  # (b,)
+                  "text": self.modality_classifier(grad_reverse(feats_txt, lambd)).squeeze(-1)}
+        (logits,) = self.global_batch(logits)
+        adv, acc = modality_adversarial_loss(logits["image"], logits["text"])
         hp = self.hparams
         if stage == "warmup":
             # the classifier still learns (lambda = 0 stops its gradient reaching the encoders)
@@ -106,8 +115,16 @@ class MIIE(RetrievalModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/modality_acc`` from the validation embeddings the base class collected, before its
-        retrieval metrics (super clears the lists)."""
-        if self._val_img and self._val_txt:
+        retrieval metrics (super clears the lists). Under DDP: on every rank's embeddings (gathered by
+        ``validation_reps``, images deduplicated), the same number on every rank."""
+        from rcit_bench.models.global_batch import world_size
+
+        if world_size() > 1:
+            reps = self.validation_reps()  # a collective: every rank calls it, whatever its shard
+            if reps is not None:
+                self.log("val/modality_acc", self.modality_accuracy(reps[0]["global"], reps[2]["global"]),
+                         sync_dist=False)
+        elif self._val_img and self._val_txt:
             img = torch.cat([r["global"] for r in self._val_img])
             txt = torch.cat([r["global"] for r in self._val_txt])
             self.log("val/modality_acc", self.modality_accuracy(img, txt), sync_dist=False)

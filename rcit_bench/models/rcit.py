@@ -5,6 +5,10 @@ VSE-style encoders shared by a clean image I, its corrupted copy CI and the capt
 corruption used for CI (e.g. speckle / salt-and-pepper at rate 0.6) is chosen by the data module
 (``train_corruption: paired`` + ``corruption_mix``) and recorded here as ``data_config``. At
 evaluation the model is a plain VSE model: cosine of the global vectors.
+
+Clean and corrupted images go through the shared encoder together on each rank's slice (its BatchNorm statistics
+cover both views; under DDP those of the whole global batch, rcit_bench.models.global_batch), and the three
+triplets run on the gathered clean images, corrupted images and captions.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class RCIT(RetrievalModule):
         img = {k: v[:b] for k, v in both.items()}
         cimg = {k: v[b:] for k, v in both.items()}
         txt = self.encode_text(batch["tokens"], batch["lengths"])
+        img, cimg, txt = self.global_batch(img, cimg, txt)  # the three triplets over the global batch
         l_ci_t = self.triplet(self.similarity(cimg, txt))
         l_i_t = self.triplet(self.similarity(img, txt))
         # (CI, I): same square-diagonal triplet, the clean image plays the caption's role.

@@ -14,6 +14,12 @@ it like every other method.
 - Loss: max-violation triplet on the fused ``S`` + ``caption_weight`` x caption-generation NLL, the
   batch caption decoded (teacher forcing) with attention over the reasoned regions (VSRN used 1.0).
 
+Under DDP (rcit_bench.models.global_batch) the reasoning and the caption decoder (they have parameters) run on
+each rank's slice; the global vectors, regions, words, lengths, and each caption's NLL sum and token count are
+gathered, so the triplet and the token-mean NLL are those of the global batch. The decoder's Dropout(0.1) draws
+its masks per rank, so with dropout a multi-process step equals the one-process step only in distribution (with
+p = 0, exactly up to float rounding).
+
 The heads return unit vectors (``F.normalize``) and the scorers normalise their inputs again with their own
 l2norm; see :func:`rcit_bench.models.similarity.l2norm` for why both passes stay.
 """
@@ -140,20 +146,36 @@ class VSRPP(RetrievalModule):
             image_reps, text_reps)
 
     # ------------------------------------------------------------------------------------ training
-    def caption_loss(self, reasoned: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """NLL of each caption given its image's reasoned regions (B, R, D), teacher forcing."""
+    def caption_loss(self, reasoned: Tensor, tokens: Tensor, lengths: Tensor, reduction: str = "mean") -> Tensor:
+        """NLL of each caption given its image's reasoned regions (B, R, D), teacher forcing: the mean over the
+        batch's valid tokens, or (``reduction="caption_sum"``) each caption's (B,) sum over its tokens."""
         assert self.decoder is not None
         logits = self.decoder(reasoned, tokens[:, :-1])  # (B, L-1, V): predicts tokens 1..L-1
-        return caption_nll_loss(logits, tokens[:, 1:], (lengths - 1).clamp(min=1))
+        targets, target_lengths = tokens[:, 1:], (lengths - 1).clamp(min=1)
+        if reduction == "caption_sum":
+            return caption_nll_loss(logits, targets, target_lengths, reduction="none").sum(dim=1)
+        return caption_nll_loss(logits, targets, target_lengths, reduction=reduction)
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor | float]]:
+        from rcit_bench.models.global_batch import world_size
+
         full = self._encode_image_full(batch["images"])
         img = {"global": full["global"], "regions": full[self.hparams.local_regions]}
         txt = self.encode_text(batch["tokens"], batch["lengths"])
+        # one process: the token mean as before (bit-identical); several: every rank's sums and token counts
+        distributed = self.decoder is not None and world_size() > 1
+        cap: dict[str, Tensor] = {}
+        if distributed:
+            cap = {"nll_sum": self.caption_loss(full["reasoned"], batch["tokens"], batch["lengths"], "caption_sum"),
+                   "tokens": (batch["lengths"] - 1).clamp(min=1).to(torch.float32)}
+        img, txt, cap = self.global_batch(img, txt, cap)
         loss = self.triplet(self.similarity(img, txt))
         logs: dict[str, Tensor | float] = {"triplet": loss.detach()}
         if self.decoder is not None:
-            cap = self.caption_loss(full["reasoned"], batch["tokens"], batch["lengths"])
-            loss = loss + float(self.hparams.caption_weight) * cap
-            logs["caption_nll"] = cap.detach()
+            if distributed:
+                nll = cap["nll_sum"].sum() / cap["tokens"].sum()
+            else:
+                nll = self.caption_loss(full["reasoned"], batch["tokens"], batch["lengths"])
+            loss = loss + float(self.hparams.caption_weight) * nll
+            logs["caption_nll"] = nll.detach()
         return loss, logs
