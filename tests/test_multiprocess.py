@@ -243,3 +243,90 @@ def test_ddp_timeout_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match=r"RCIT_BENCH_DDP_TIMEOUT_S must be a positive number of seconds, but got "
                                         r"'soon'"):
         ddp_timeout_s()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the corruption grid of one model, evaluated by two processes
+
+
+def _grid_spec(root: Path) -> Any:
+    from rcit_bench.bench.spec import validate_spec
+    from tiny_specs import TINY_MODEL, tiny_dataset, tiny_trainer
+
+    data = tiny_dataset(root)
+    data["options"]["eval_batch_size"] = 6  # 16 test images: batches of 6, 6, 4 -> ranks hold 2 and 1 batches
+    return validate_spec({"name": "grid", "dataset": data, "seeds": [0], "trainer": tiny_trainer(1),
+                          "entries": [{"id": "e", "method": "vsepp", "regime": "clean", "overrides": TINY_MODEL}],
+                          "evaluation": {"clean": True, "imagenet_c": {"corruptions": ["gaussian_noise", "contrast"],
+                                                                       "severities": [3]},
+                                         "rcit_protocol": {"corruptions": ["salt_pepper"],
+                                                           "pixel_noise_rates": [0.6]},
+                                         "text": {"perturbations": ["char_typo"], "levels": [2]}}})
+
+
+def _grid_results(spec: Any) -> dict[str, Any]:
+    """Every cell of the spec's entry with an untrained model from seed 0 (CellEvaluator, as the runner calls it)."""
+    from rcit_bench.bench import runner
+    from rcit_bench.evaluation import CellEvaluator
+
+    entry = spec.entries[0]
+    composed = runner.composed_config(spec, entry, 0, runner.method_config(spec, entry))
+    dm = runner.make_datamodule(composed["data"])
+    runner._seed(0)
+    model = runner.build_model(entry, composed, dm)
+    evaluator = CellEvaluator(model, dm, 0)
+    out = {}
+    for cell in spec.cells(entry):
+        res = evaluator(cell)
+        out[cell.id] = None if res is None else (res.metrics, res.ranks_i2t, res.ranks_t2i, res.image_change)
+    return out
+
+
+def _grid_worker(rank: int, world: int, init_file: str, root: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_grid_results(_grid_spec(Path(root))), Path(out_dir) / f"grid-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_grid_evaluation_over_two_processes_equals_one_process(tmp_path: Path) -> None:
+    """Each rank encodes its block of whole batches of the (corrupted) test images and of the captions; rank 0 gets
+    the single-process metrics and per-query ranks exactly, and the image-change figures (sums reduced over ranks)
+    to float64 rounding; rank 1 returns None for every cell (it writes nothing)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    spec = _grid_spec(tmp_path / "data")
+    reference = _grid_results(spec)  # also generates the synthetic data before the ranks read it
+    mp.start_processes(_grid_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "data"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
+    lead = torch.load(tmp_path / "grid-rank0.pt", weights_only=False)
+    other = torch.load(tmp_path / "grid-rank1.pt", weights_only=False)
+    assert set(lead) == set(reference) and len(reference) == 5
+    assert all(v is None for v in other.values())
+    for cell, (metrics, r_i2t, r_t2i, change) in reference.items():
+        got = lead[cell]
+        assert got[0] == metrics, cell
+        assert torch.equal(got[1], r_i2t) and torch.equal(got[2], r_t2i), cell
+        if change is None:
+            assert got[3] is None
+        else:
+            assert got[3].keys() == change.keys() and change["images"] == 16
+            for k, v in change.items():
+                assert got[3][k] == (pytest.approx(v, rel=1e-12) if isinstance(v, float) else v), (cell, k)
+    assert reference["clean"][0]["rsum"] != reference["ic-contrast-s3"][0]["rsum"]  # the cells differ
+
+
+def test_check_world_refuses_a_strategy_that_starts_its_own_processes() -> None:
+    from rcit_bench.bench.multiprocess import check_world
+
+    assert check_world("e", {"devices": 2, "accelerator": "cpu", "strategy": "ddp"}, 32) == 2
+    assert check_world("e", {"devices": 1, "accelerator": "cpu", "strategy": "ddp_spawn"}, 33) == 1  # one process
+    with pytest.raises(UserError, match=r"`trainer.strategy` 'ddp_spawn' cannot run a job of 2 processes here: "
+                                        r"rcit-bench starts one process per rank itself"):
+        check_world("e", {"devices": 2, "accelerator": "cpu", "strategy": "ddp_spawn"}, 32)

@@ -102,6 +102,10 @@ def check_world(entry_id: str, trainer_kw: dict[str, Any], batch_size: int) -> i
         raise UserError(f"`trainer.devices` asks for {world} processes, but this machine has "
                         f"{have} {kind}{'s' if have != 1 else ''}; set `trainer.devices` to at most {have}, or run "
                         f"the spec where {world} {kind}s are available.")
+    strategy = trainer_kw.get("strategy", "auto")
+    if strategy not in ("auto", "ddp", "ddp_find_unused_parameters_true"):
+        raise UserError(f"`trainer.strategy` {strategy!r} cannot run a job of {world} processes here: rcit-bench starts "
+                        f"one process per rank itself and trains them with DDP; remove `strategy` (or use 'ddp').")
     limit = trainer_kw.get("limit_val_batches")
     if limit not in (None, 1.0):
         raise UserError(f"`trainer.limit_val_batches` {limit!r} counts batches per process, so with {world} processes "

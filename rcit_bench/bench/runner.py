@@ -399,7 +399,7 @@ def train(model: Any, dm: Any, store: RunStore, seed: int, trainer_kw: dict[str,
         kw.setdefault("enable_progress_bar", log.isEnabledFor(logging.DEBUG))
     if is_distributed():  # each rank loads its part of every global batch itself (RetrievalDataModule)
         kw["use_distributed_sampler"] = False
-        if kw.get("strategy", "auto") == "auto":  # heads a method does not train on (e.g. word features) stay unused
+        if kw.get("strategy", "auto") in ("auto", "ddp"):  # heads a method does not train on (e.g. words) stay unused
             kw["strategy"] = "ddp_find_unused_parameters_true"
     trainer = L.Trainer(default_root_dir=str(store.folder), callbacks=callbacks, logger=wb.lightning_logger() or False,
                         **kw)
