@@ -275,7 +275,8 @@ def all_reduce_numbers(values: Mapping[str, float], op: str = "sum") -> dict[str
     if not is_distributed():
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None  # NCCL: GPU only
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 
