@@ -547,9 +547,10 @@ def run_spec(
         progress.finished()
     if costs is not None:
         _save_measured_costs(spec, results_dir, costs, progress)
-    from rcit_bench.bench.progress import final_report
+    if not in_job:  # a job's rank 0 reports to the command that started it, which reports the whole run
+        from rcit_bench.bench.progress import final_report
 
-    log.info("%s", final_report(spec, entries, results_dir, progress, summary))
+        log.info("%s", final_report(spec, entries, results_dir, progress, summary))
     return summary
 
 
