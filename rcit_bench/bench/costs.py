@@ -227,6 +227,7 @@ def _measure_entry(spec: Any, entry: Any, seed: int) -> tuple[EntryCosts, Any]:
         # one process: a multi-process entry is estimated from its 1-process step (benchmarks/ddp_overhead.py
         # measures what more processes change)
         keep = {k: tkw[k] for k in ("accelerator", "precision", "gradient_clip_val") if k in tkw}
+        keep["devices"] = 1  # not Lightning's 'auto', which takes every GPU of a multi-GPU node
         trainer = L.Trainer(max_steps=WARMUP_STEPS + TIMED_STEPS, limit_val_batches=0, num_sanity_val_steps=0,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[timer], **keep)
