@@ -10,6 +10,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+from rcit_bench.bench.multiprocess import RankFailed
 from rcit_bench.bench.store import CheckpointError
 from rcit_bench.errors import UserError
 from rcit_bench.utils import keep_freed_memory
@@ -315,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: What the command line reports in one line: the user's mistakes (spec, arguments, data files), missing files,
 #: a full disk, an unreadable checkpoint. Every other exception shows its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError, CheckpointError)
+# RankFailed: a rank of a multi-process job died; its own traceback is printed above, the command says what to do
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError, CheckpointError, RankFailed)
 
 
 def quiet_console(verbose: bool) -> None:

@@ -330,3 +330,19 @@ def test_check_world_refuses_a_strategy_that_starts_its_own_processes() -> None:
     with pytest.raises(UserError, match=r"`trainer.strategy` 'ddp_spawn' cannot run a job of 2 processes here: "
                                         r"rcit-bench starts one process per rank itself"):
         check_world("e", {"devices": 2, "accelerator": "cpu", "strategy": "ddp_spawn"}, 32)
+
+
+def test_cli_reports_a_failed_rank_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The command that started a job says which rank failed and what to do, exit code 2, no traceback of its own
+    (the rank printed its own)."""
+    import rcit_bench.bench.runner as runner
+    from rcit_bench.bench.multiprocess import RankFailed
+    from rcit_bench.cli import main
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        raise RankFailed("e/seed0: rank 1 of 2 was killed by SIGKILL; the other ranks were stopped.")
+
+    monkeypatch.setattr(runner, "run_spec", failing)
+    assert main(["bench", str(SMOKE), "--no-wandb", "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "rcit-bench bench: error: e/seed0: rank 1 of 2 was killed by SIGKILL" in err and "Traceback" not in err
