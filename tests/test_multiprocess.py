@@ -346,3 +346,35 @@ def test_cli_reports_a_failed_rank_in_one_line(tmp_path: Path, monkeypatch: pyte
     assert main(["bench", str(SMOKE), "--no-wandb", "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "rcit-bench bench: error: e/seed0: rank 1 of 2 was killed by SIGKILL" in err and "Traceback" not in err
+
+
+def test_pretrained_entry_evaluated_by_two_processes_equals_one(tmp_path: Path) -> None:
+    """A zero-shot entry (a tiny random CLIP from a local save_pretrained folder) with trainer.devices 2 is evaluated
+    by a 2-process job: nothing is trained, and with nothing trained there is no rounding to amplify: every metric
+    and every per-query rank equals the 1-process run exactly."""
+    import numpy as np
+
+    from rcit_bench.bench.runner import run_spec
+    from tiny_specs import tiny_dataset, tiny_trainer, write_tiny_clip
+
+    clip = write_tiny_clip(tmp_path / "tiny-clip")
+    (tmp_path / "clip.yaml").write_text(yaml.safe_dump({"method": "hf_dual_encoder", "model": {"pretrained": str(clip)}}))
+    out = {}
+    for devices in (1, 2):
+        data = tiny_dataset(tmp_path / "data")
+        data["options"]["eval_batch_size"] = 6  # 16 test images in 3 batches: the ranks hold 2 and 1
+        spec = {"name": "zs", "dataset": data, "seeds": [0], "trainer": {**tiny_trainer(1), "devices": devices},
+                "entries": [{"id": "clip", "method": "hf_dual_encoder", "config": "clip.yaml", "regime": "pretrained"}],
+                "evaluation": {"clean": True, "imagenet_c": {"corruptions": ["contrast"], "severities": [3]},
+                               "text": {"perturbations": ["char_swap"], "levels": [5]}}}
+        path = tmp_path / f"zs{devices}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        summary = run_spec(path, results_dir=tmp_path / f"runs{devices}", use_wandb=False, build_board=False)
+        assert summary.failed == 0 and summary.evaluated == 3 and summary.trained == []
+        out[devices] = tmp_path / f"runs{devices}" / "zs" / "clip" / "seed0"
+    for cell in ("clean", "ic-contrast-s3", "text-char_swap-l5"):
+        one, two = (json.loads((out[d] / f"{cell}.json").read_text()) for d in (1, 2))
+        assert two["metrics"] == one["metrics"], cell
+        assert two["parallelism"]["world_size"] == 2 and one["parallelism"]["world_size"] == 1
+        r1, r2 = (np.load(out[d] / f"{cell}.ranks.npz") for d in (1, 2))
+        assert all(np.array_equal(r1[k], r2[k]) for k in r1.files), cell
