@@ -77,19 +77,18 @@ def rank_main(args: argparse.Namespace) -> None:
 
 def run_world(args: argparse.Namespace, world: int) -> dict[str, Any]:
     """Start `world` ranks of this script (the launcher's environment) and read rank 0's figures."""
-    from rcit_bench.bench.multiprocess import _free_port
+    from rcit_bench.bench.multiprocess import RANK_ENV, free_port, rank_env
 
     out = Path(args.root) / f"ddp_overhead_w{world}.json"
     out.unlink(missing_ok=True)
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, __file__, "--rank-main", "--out", str(out), "--batch", str(args.batch), "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--root", args.root, "--threads", str(args.threads or 0)]
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        if world == 1:
-            env = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+        env = rank_env(rank, world, port)
+        if world == 1:  # one plain process, no process group
+            env = {k: v for k, v in env.items() if k not in RANK_ENV}
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     if any(codes):

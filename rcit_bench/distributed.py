@@ -9,9 +9,11 @@ shard with the one evaluation path (:func:`rcit_bench.evaluation.encode_images` 
 single-process metrics exactly. Everything falls back to one process when ``torch.distributed`` is not
 initialised.
 
-Training uses Lightning's own DDP; :func:`trainer_kwargs_for` picks the strategy and precision so that
-specs stay portable between a CPU laptop and a GPU node, and :func:`maybe_compile` is the opt-in
-``torch.compile`` switch.
+Training of several processes: the runner starts one process per rank itself (rcit_bench.bench.multiprocess)
+and Lightning's DDP trains them; the losses gather the global batch (rcit_bench.models.global_batch).
+:func:`barrier`, :func:`broadcast_object` and :func:`all_reduce_numbers` are the small collectives the runner and
+the evaluation use. :func:`trainer_kwargs_for` is a helper for scripts that build their own Trainer (the runner
+does not use it), and :func:`maybe_compile` is the opt-in ``torch.compile`` switch.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ POLL_S = 0.2
 
 
 #: the environment that tells a process its place in a job (torch's env:// rendezvous)
-_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class RankFailed(RuntimeError):
@@ -166,7 +166,7 @@ def join_from_submitit() -> bool:
         return False
     if env.num_tasks <= 1:
         return False
-    for key in _RANK_ENV:  # inherited from the submitting process (e.g. its own DDP run): this job's are set here
+    for key in RANK_ENV:  # inherited from the submitting process (e.g. its own DDP run): this job's are set here
         os.environ.pop(key, None)
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     init_from_env()
@@ -202,10 +202,18 @@ def main(argv: list[str] | None = None) -> int:
 # the launcher's side
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now, for the ranks' rendezvous."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """The environment of rank `rank` of a `world`-process job on this machine (the keys of ``RANK_ENV``, plus
+    NODE_RANK), over the current one."""
+    place = dict(zip(RANK_ENV, (str(rank), str(rank), str(world), str(world), "127.0.0.1", str(port))))
+    return dict(os.environ, **place, NODE_RANK="0")
 
 
 def _how(code: int) -> str:
@@ -226,14 +234,12 @@ def run_job(spec_path: str | Path, entry_id: str, seed: int, world: int, *, resu
     args = {"spec": str(spec_path), "entry": entry_id, "seed": int(seed), "results_dir": str(results_dir),
             "force": bool(force), "use_wandb": bool(use_wandb), "wait_for_lock": bool(wait_for_lock),
             "accelerator": accelerator}
-    port = _free_port()
+    port = free_port()
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                       LOCAL_WORLD_SIZE=str(world), NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             procs.append(subprocess.Popen([sys.executable, "-m", "rcit_bench.bench.multiprocess", json.dumps(args)],
-                                          env=env))
+                                          env=rank_env(rank, world, port)))
         if pid_file is not None:
             Path(pid_file).parent.mkdir(parents=True, exist_ok=True)
             Path(pid_file).write_text(json.dumps({"ranks": [p.pid for p in procs]}))

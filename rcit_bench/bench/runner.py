@@ -570,9 +570,7 @@ def _run_multiprocess(spec: Spec, entry: Entry, seed: int, world: int, results_d
     cells = spec.cells(entry)
     pending = store.pending(cells, ehash, force)
     if not pending:
-        progress.message(f"{where}: all {len(cells)} cells done, skipping")
-        progress.skip(len(cells))
-        progress.fit_not_needed(entry.id, seed)
+        _all_done(progress, entry, seed, len(cells))
         return
     progress.skip(len(cells) - len(pending))
     if not wait_for_lock:
@@ -745,15 +743,12 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
     """Lock the (entry, seed) folder and train (or resume, or reuse) its model when it has pending cells; the
     returned entry holds the lock. Divergence writes a failed result file for every pending cell and returns
     None (lock released); the sweep goes on."""
-    where = f"{entry.id}/seed{seed}"
     store = RunStore.of(results_dir, spec.name, entry.id, seed)
     ehash = spec.entry_hash(entry.id)
     cells = spec.cells(entry)
     lead = get_rank() == 0  # in a multi-process job: rank 0 decides and writes, the others follow
     if not broadcast_object(bool(store.pending(cells, ehash, force)) if lead else None):
-        progress.message(f"{where}: all {len(cells)} cells done, skipping")
-        progress.skip(len(cells))
-        progress.fit_not_needed(entry.id, seed)
+        _all_done(progress, entry, seed, len(cells))
         return None
     if lead:
         store.lock.acquire(wait=wait_for_lock)
@@ -766,6 +761,13 @@ def _prepare(spec: Spec, entry: Entry, seed: int, results_dir: Path, force: bool
     if prepared is None:
         store.lock.release()
     return prepared
+
+
+def _all_done(progress: SweepProgress, entry: Entry, seed: int, n_cells: int) -> None:
+    """An (entry, seed) whose cells are all done already: nothing to train or evaluate."""
+    progress.message(f"{entry.id}/seed{seed}: all {n_cells} cells done, skipping")
+    progress.skip(n_cells)
+    progress.fit_not_needed(entry.id, seed)
 
 
 def _train_or_load(spec: Spec, entry: Entry, seed: int, store: RunStore, results_dir: Path, ehash: str,

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from rcit_bench.distributed import get_world_size as world_size  # one definition of the world size, shared
+
 __all__ = ["world_size", "gather_rows", "gather_reps_with_grad", "all_reduce_sum", "GlobalBatchNorm",
            "convert_global_batchnorm"]
 
@@ -48,13 +50,6 @@ __all__ = ["world_size", "gather_rows", "gather_reps_with_grad", "all_reduce_sum
 _MAX_DIMS = 8
 #: GlobalBatchNorm sends its value count as (count // split, count % split), both exact in float32
 _COUNT_SPLIT = 4096
-
-
-def world_size() -> int:
-    """Number of processes of the default process group; 1 without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 def gather_rows(x: Tensor) -> Tensor:
