@@ -115,17 +115,9 @@ class MIIE(RetrievalModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/modality_acc`` from the validation embeddings the base class collected, before its
-        retrieval metrics (super clears the lists). Under DDP: on every rank's embeddings (gathered by
-        ``validation_reps``, images deduplicated), the same number on every rank."""
-        from rcit_bench.models.global_batch import world_size
-
-        if world_size() > 1:
-            reps = self.validation_reps()  # a collective: every rank calls it, whatever its shard
-            if reps is not None:
-                self.log("val/modality_acc", self.modality_accuracy(reps[0]["global"], reps[2]["global"]),
-                         sync_dist=False)
-        elif self._val_img and self._val_txt:
-            img = torch.cat([r["global"] for r in self._val_img])
-            txt = torch.cat([r["global"] for r in self._val_txt])
-            self.log("val/modality_acc", self.modality_accuracy(img, txt), sync_dist=False)
+        retrieval metrics (super clears the lists). From ``validation_reps`` (under DDP every rank's embeddings,
+        gathered, images deduplicated: the same number on every rank; computed once, super reuses them)."""
+        reps = self.validation_reps()  # a collective under DDP: every rank calls it, whatever its shard
+        if reps is not None:
+            self.log("val/modality_acc", self.modality_accuracy(reps[0]["global"], reps[2]["global"]), sync_dist=False)
         super().on_validation_epoch_end()
