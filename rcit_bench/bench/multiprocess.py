@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         run_spec(args["spec"], only=[args["entry"]], seeds=[args["seed"]], results_dir=args["results_dir"],
                  force=args["force"], use_wandb=args["use_wandb"], build_board=False,
                  wait_for_lock=args["wait_for_lock"], estimate=False, live=False)
+        # every rank done before any tears its connections down: a rank whose peer closed the group first can
+        # abort in gloo's teardown (seen: SIGABRT, "terminate called without an active exception")
+        dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
